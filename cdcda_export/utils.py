@@ -1,0 +1,118 @@
+"""Small shared helpers: hashing, atomic writes, versions, safe names."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def is_safe_name(name: str) -> bool:
+    """True when ``name`` can be used as a single folder name (no separators, no '..')."""
+    return bool(SAFE_NAME.match(name)) and ".." not in name
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def sha256_dir(path: str | Path, patterns: tuple[str, ...] = ("*.safetensors", "*.json", "*.model", "*.txt")) -> str:
+    """Content hash of a model/adapter directory: sorted (relative name, file hash) of matching files.
+
+    Only weight and config files count, so a log or cache written beside them does not change it.
+    """
+    root = Path(path)
+    files = sorted({p for pat in patterns for p in root.glob(pat) if p.is_file()})
+    h = hashlib.sha256()
+    for p in files:
+        if p.name in {"training.json", "manifest.json", "merge.json"}:
+            continue  # provenance written next to the weights is not part of the model
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(b"\0")
+        h.update(sha256_file(p).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def write_json_atomic(path: str | Path, data: Any, indent: int = 2) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=indent, ensure_ascii=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory under a temporary name next to ``final``; rename into place on success.
+
+    An interrupted build leaves only ``.<name>.partial-*`` (never something that looks complete).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            if not overwrite:
+                raise FileExistsError(f"{final} already exists")
+            trash = final.with_name(f".{final.name}.old-{os.getpid()}-{int(time.time())}")
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the stack, for manifests and reports (no heavy imports: reads dist metadata)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in ("torch", "transformers", "peft", "executorch", "torchao", "onnx", "onnxruntime",
+                 "onnxruntime-genai", "coremltools", "numpy", "cdcda-export"):
+        try:
+            out[name.replace("-", "_")] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name.replace("-", "_")] = None
+    return out
+
+
+def now_iso() -> str:
+    import datetime as _dt
+
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process so far (MiB), from the kernel (ru_maxrss)."""
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 / 1024 if sys.platform == "darwin" else r / 1024
