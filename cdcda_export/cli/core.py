@@ -1,0 +1,154 @@
+"""Core verbs: init-model, data, train, merge, eval, demo, pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import app
+
+data_app = typer.Typer(help="LaMP personal data: validate files, copy the shipped sample.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _csv(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command("init-model")
+def init_model_cmd(
+    arch: str = typer.Option(..., help="tiny, tiny-llama, tiny-qwen2, tiny-qwen3, tiny-phi3, smollm2-135m, "
+                                       "qwen2.5-0.5b, llama-3.2-1b, qwen3-0.6b, phi-3-mini"),
+    out: Path = typer.Option(..., help="Output HF model directory."),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
+    force: bool = typer.Option(False, help="Overwrite an existing directory."),
+):
+    """Write a random-weight HF model dir with a real small model's exact config and a local tokenizer."""
+    from ..models import init_model
+
+    p = init_model(arch, out, seed=seed, force=force)
+    typer.echo(f"wrote {p} ({arch}, random weights, seed {seed})")
+
+
+@data_app.command("validate")
+def data_validate(
+    task: str = typer.Option(..., help="LaMP-1, LaMP-2, LaMP-2-old, LaMP-3, LaMP-4, LaMP-5, LaMP-7"),
+    questions: Path = typer.Option(..., help="LaMP *_questions.json"),
+    outputs: Optional[Path] = typer.Option(None, help="LaMP *_outputs.json (golds)"),
+):
+    """Check a LaMP file set; exits non-zero naming file, record and field of every problem."""
+    from ..data import load_lamp
+
+    ds = load_lamp(task, questions, outputs)
+    sizes = [len(u.profile) for u in ds.users]
+    typer.echo(f"ok: {ds.task.name}, {len(ds.users)} users, profile items min/median/max "
+               f"{min(sizes)}/{sorted(sizes)[len(sizes) // 2]}/{max(sizes)}"
+               + (f", {sum(u.gold is not None for u in ds.users)} golds" if outputs else ""))
+    for n in ds.notes:
+        typer.echo(f"note: {n}")
+
+
+@data_app.command("sample")
+def data_sample(out: Path = typer.Option(..., help="Folder to copy the synthetic sample data into.")):
+    """Copy the synthetic LaMP-format sample (LaMP-1,2,3,4,5,7) that ships with the package."""
+    import shutil
+    from importlib import resources
+
+    src = resources.files("cdcda_export") / "assets" / "lamp_sample"
+    shutil.copytree(str(src), out, dirs_exist_ok=True)
+    typer.echo(f"copied sample data to {out}")
+
+
+@app.command("train")
+def train_cmd(
+    base: Path = typer.Option(..., help="HF causal-LM directory (any Llama/Qwen2/Qwen3/Phi-3/SmolLM)."),
+    task: str = typer.Option(...),
+    questions: Path = typer.Option(...),
+    outputs: Optional[Path] = typer.Option(None),
+    out: Path = typer.Option(..., help="ADAPTERS root: writes ADAPTERS/<user>/"),
+    users: Optional[str] = typer.Option(None, help="Comma-separated user ids (default: all)."),
+    synthetic: Optional[Path] = typer.Option(None, help="`cdcda augment` output: DIR/<user>/*.jsonl"),
+    synthetic_ratio: float = typer.Option(1.0, help="Synthetic examples per real example (at most)."),
+    rank: int = typer.Option(8), alpha: int = typer.Option(16),
+    target_modules: Optional[str] = typer.Option(None, help="Comma-separated module names (default: all linears)."),
+    epochs: int = typer.Option(3), max_steps: int = typer.Option(-1, help="Stop after N steps (-1: epochs)."),
+    lr: float = typer.Option(2e-3), seed: int = typer.Option(0),
+    force: bool = typer.Option(False, help="Retrain users that are already done."),
+):
+    """Fine-tune one peft LoRA adapter per user on their profile (+ synthetic) data."""
+    from ..train import train_users
+
+    results = train_users(base=base, task=task, questions=questions, outputs=outputs, out=out, users=_csv(users),
+                          synthetic=synthetic, synthetic_ratio=synthetic_ratio, rank=rank, alpha=alpha,
+                          target_modules=_csv(target_modules), epochs=epochs, max_steps=max_steps, lr=lr,
+                          seed=seed, force=force)
+    for r in results:
+        typer.echo(str(r))
+
+
+@app.command("merge")
+def merge_cmd(base: Path = typer.Option(...), adapter: Path = typer.Option(...), out: Path = typer.Option(...)):
+    """Merge a LoRA adapter into its base: a safetensors HF dir with tokenizer and merge.json."""
+    from ..train import merge_adapter
+
+    typer.echo(f"wrote {merge_adapter(base, adapter, out)}")
+
+
+@app.command("eval")
+def eval_cmd(
+    task: str = typer.Option(...),
+    outputs: Path = typer.Option(..., help="LaMP *_outputs.json (golds)"),
+    base: Optional[Path] = typer.Option(None, help="Model to evaluate (with --questions)."),
+    questions: Optional[Path] = typer.Option(None),
+    adapter: Optional[Path] = typer.Option(None, help="One adapter dir, or an ADAPTERS root with <user>/ dirs."),
+    users: Optional[str] = typer.Option(None),
+    predictions: Optional[Path] = typer.Option(None, help="Score an existing LaMP predictions file instead."),
+    save_predictions: Optional[Path] = typer.Option(None, help="Write predictions in LaMP format."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics JSON here."),
+):
+    """Greedy answers + task metrics per user and overall, or score a predictions file (official semantics)."""
+    from ..errors import UserError
+    from ..utils import write_json_atomic
+
+    if predictions:
+        from ..train import score_predictions
+
+        res = score_predictions(task, predictions, outputs)
+    else:
+        if not (base and questions):
+            raise UserError("give --base and --questions to generate, or --predictions to score a file",
+                            field="--base/--questions", hint="cdcda eval --help")
+        from ..train import evaluate
+
+        res = evaluate(base=base, task=task, questions=questions, outputs=outputs, adapter_root=adapter,
+                       users=_csv(users), save_predictions=save_predictions)
+    if json_out:
+        write_json_atomic(json_out, res)
+    typer.echo(json.dumps(res.get("overall", res), indent=2))
+
+
+@app.command("pipeline")
+def pipeline_cmd(
+    config: Optional[Path] = typer.Option(None, help="Pipeline YAML (see README); default: the embedded demo."),
+    out: Path = typer.Option(Path("runs/pipeline"), help="Work directory (resumable)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a key, e.g. --set tasks=[LaMP-3]"),
+):
+    """Many users end to end: augment -> train -> merge -> export -> check -> bench. Re-running resumes."""
+    from ..pipeline import load_pipeline_config, run_pipeline
+
+    run_pipeline(load_pipeline_config(config, set_), out)
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("demo_out"), help="Work directory (re-running reuses finished stages)."),
+    quick: bool = typer.Option(False, help="Fewer users and steps (used by the tests)."),
+):
+    """The whole path on the embedded default (no network): sample data, tiny base, per-user LoRA,
+    augmentation, export, fidelity check and host bench, with a summary table."""
+    from ..pipeline import demo_config, run_pipeline
+
+    run_pipeline(demo_config(quick=quick), out)
