@@ -39,3 +39,26 @@ def tiny_base(tiny_model_dir) -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_model_dir, tmp_path_factory):
+    """Factory: ``tiny_artifact("tiny-qwen2", "onnx-fp32", adapter=None)`` -> exported artifact dir.
+
+    Built once per (arch, recipe, adapter) per test session, shared by every test module, so the
+    export, check and bench tests do not export the same tiny model several times.
+    """
+    root = tmp_path_factory.mktemp("artifacts")
+    cache: dict[tuple, Path] = {}
+
+    def make(arch: str, recipe: str, adapter: Path | None = None, **overrides) -> Path:
+        key = (arch, recipe, str(adapter), tuple(sorted(overrides.items())))
+        if key not in cache:
+            from cdcda_export.export.api import export
+
+            name = f"{arch}-{recipe.replace('/', '_')}-{len(cache)}"
+            cache[key] = export(tiny_model_dir(arch), adapter, recipe, root / name, progress=False,
+                                overrides=[f"{k}={v}" for k, v in overrides.items()] or None)
+        return cache[key]
+
+    return make
