@@ -14,6 +14,10 @@ data_app = typer.Typer(help="LaMP personal data: validate files, copy the shippe
 app.add_typer(data_app, name="data")
 
 
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
 def _csv(value: Optional[str]) -> Optional[list[str]]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -74,8 +78,9 @@ def train_cmd(
     synthetic_ratio: float = typer.Option(1.0, help="Synthetic examples per real example (at most)."),
     rank: int = typer.Option(8), alpha: int = typer.Option(16),
     target_modules: Optional[str] = typer.Option(None, help="Comma-separated module names (default: all linears)."),
-    epochs: int = typer.Option(3), max_steps: int = typer.Option(-1, help="Stop after N steps (-1: epochs)."),
-    lr: float = typer.Option(2e-3), seed: int = typer.Option(0),
+    epochs: int = typer.Option(5), max_steps: Optional[int] = typer.Option(None, help="Stop after N steps (default: epochs)."),
+    lr: float = typer.Option(1e-3), seed: int = typer.Option(0),
+    holdout: float = typer.Option(0.2, help="Fraction of each user's real pairs held out for evaluation."),
     force: bool = typer.Option(False, help="Retrain users that are already done."),
 ):
     """Fine-tune one peft LoRA adapter per user on their profile (+ synthetic) data."""
@@ -84,9 +89,20 @@ def train_cmd(
     results = train_users(base=base, task=task, questions=questions, outputs=outputs, out=out, users=_csv(users),
                           synthetic=synthetic, synthetic_ratio=synthetic_ratio, rank=rank, alpha=alpha,
                           target_modules=_csv(target_modules), epochs=epochs, max_steps=max_steps, lr=lr,
-                          seed=seed, force=force)
+                          seed=seed, holdout=holdout, force=force)
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{task}: per-user LoRA adapters in {out}")
+    for c in ("user", "status", "real/synthetic/held-out", "metric", "before", "after", "loss first->last", "s"):
+        t.add_column(c)
     for r in results:
-        typer.echo(str(r))
+        c = r.counts or {}
+        t.add_row(r.user_id, r.status + (f" ({r.reason})" if r.reason else ""),
+                  f"{c.get('real', '-')}/{c.get('synthetic', '-')}/{c.get('heldout', '-')}", str(r.metric_name or "-"),
+                  _num(r.metric_before), _num(r.metric_after),
+                  f"{_num(r.loss_first)}->{_num(r.loss_last)}", _num(r.duration_s))
+    Console().print(t)
 
 
 @app.command("merge")
