@@ -70,7 +70,7 @@ def demo_config(quick: bool = False) -> PipelineConfig:
         tasks=[TaskRun("LaMP-3", max_users=2 if quick else 3), TaskRun("LaMP-2", max_users=2 if quick else 3)],
         base_arch="tiny",
         augment=AugmentSettings(per_user=4 if quick else 8),
-        train=TrainSettings(epochs=2 if quick else 4, max_steps=20 if quick else -1),
+        train=TrainSettings(epochs=5, lr=2e-3, max_steps=20 if quick else -1),
         recipes=["xnnpack-fp32", "onnx-int4"] if quick else ["xnnpack-fp32", "xnnpack-8da4w", "onnx-fp32", "onnx-int4"],
         bench_runs=2 if quick else 3,
     )
@@ -172,19 +172,25 @@ def run_pipeline(cfg: PipelineConfig, out: Path) -> dict:
                                                  "questions": str(q), "outputs": str(o)})
 
     if cfg.check and summary["artifacts"]:
-        from .check import check_artifacts
+        from .check import CheckOptions, check_artifacts
+        from .check import report as check_report
 
         with timed("check"):
             by_user: dict[tuple, list] = {}
             for a in summary["artifacts"]:
                 by_user.setdefault((a["task"], a["user"], a["questions"], a["outputs"]), []).append(Path(a["path"]))
-            reports = []
+            fidelity = []
             for (task, uid, q, o), arts in by_user.items():
                 rep_path = out / task / "artifacts" / uid / "fidelity.json"
-                _log(f"{task}/{uid}: fidelity check of {len(arts)} artifacts -> {rep_path}")
-                rep = check_artifacts(arts, task=task, questions=Path(q), outputs=Path(o), report=rep_path)
-                reports.append(rep)
-            summary["fidelity"] = reports
+                if rep_path.is_file():
+                    fidelity.extend(check_report.iter_reports(json.loads(rep_path.read_text(encoding="utf-8"))))
+                    continue
+                _log(f"{task}/{uid}: fidelity check of {len(arts)} artifacts against one reference -> {rep_path}")
+                reps = check_artifacts(arts, CheckOptions(task=task, questions=Path(q), outputs=Path(o)))
+                check_report.write_json(rep_path, reps)
+                check_report.write_markdown(rep_path.with_suffix(".md"), reps, None)
+                fidelity.extend(reps)
+            summary["fidelity"] = fidelity
 
     if cfg.bench and summary["artifacts"]:
         from device_harness.api import bench_artifact
@@ -235,27 +241,32 @@ def print_summary(summary: dict) -> None:
             t.add_row(task, str(len(r["users"])), k, f"{b:.3f}", f"{l_:.3f}", better)
     con.print(t)
     if summary.get("fidelity"):
-        ft = Table(title="Fidelity of exported artifacts vs the eager merged model")
-        for c in ("artifact", "max|dlogit|", "mean KL", "top-1", "greedy", "ppl ratio", "passed"):
-            ft.add_column(c)
-        for rep in summary["fidelity"]:
-            for r in rep.get("results", [rep]):
-                m = r.get("metrics", {})
-                ft.add_row(Path(str(r.get("artifact", "?"))).name, _f(m.get("max_abs_logit_err")), _f(m.get("mean_kl")),
-                           _f(m.get("top1_agreement")), _f(m.get("greedy_match_rate")), _f(m.get("ppl_ratio")),
-                           "skipped" if r.get("skipped") else str(r.get("passed")))
+        ft = Table(title="Fidelity vs the eager merged model (cdcda check)")
+        for c in ("user", "artifact", "gate", "max|dlogit|", "KL", "top1", "greedy", "ppl x"):
+            ft.add_column(c, no_wrap=c == "artifact")
+        for r in summary["fidelity"]:
+            a, m = r.get("artifact", {}), r.get("metrics") or {}
+            gate = "skipped" if r.get("skipped") else ("pass" if r.get("passed") else "FAIL")
+            ft.add_row(str(a.get("user_id", "-")), _short(a), gate,
+                       *[_f(m.get(k)) for k in ("max_abs_logit_err", "mean_kl", "top1_agreement",
+                                                "greedy_match_rate", "ppl_ratio")])
         con.print(ft)
     if summary.get("bench"):
-        bt = Table(title="Host bench (medians)")
-        for c in ("artifact", "MB", "load ms", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB"):
-            bt.add_column(c)
+        bt = Table(title="Host bench (cdcda bench --device host; medians)")
+        for c in ("user", "artifact", "MB", "load ms", "TTFT ms", "decode tok/s", "RSS MB"):
+            bt.add_column(c, no_wrap=c == "artifact")
         for b in summary["bench"]:
-            m = b.get("metrics", {})
-            name = b.get("artifact", {}).get("recipe") or b.get("artifact", {}).get("name", "?")
-            bt.add_row(str(name), *[_f((m.get(k) or {}).get("median")) for k in
-                                    ("artifact_mb", "load_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")])
+            a, m = b.get("artifact", {}), b.get("metrics", {})
+            bt.add_row(str(a.get("user_id", "-")), _short(a),
+                       *[_f((m.get(k) or {}).get("median")) for k in
+                         ("artifact_mb", "load_ms", "ttft_ms", "decode_tok_s", "peak_rss_mb")])
         con.print(bt)
     con.print(f"timings (s): {summary.get('timings_s')}  total {summary.get('total_s')} s")
+
+
+def _short(artifact: dict) -> str:
+    ext = {"executorch": "pte", "onnx": "onnx", "coreml": "mlpackage"}.get(artifact.get("format"), artifact.get("format"))
+    return f"{ext}/{artifact.get('recipe') or artifact.get('name')}"
 
 
 def _f(v) -> str:
