@@ -57,6 +57,7 @@ def write_json_atomic(path: str | Path, data: Any, indent: int = 2) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

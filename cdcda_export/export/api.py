@@ -1,0 +1,232 @@
+"""``export(base, adapter, recipe, out)``: merge -> decoder -> format exporter -> artifact dir.
+
+The flow is flat on purpose:
+
+1. resolve the recipe (name, ``<format>/<name>`` or file; dotted overrides);
+2. load the HF base (float32, eager attention) and merge the peft adapter when given;
+3. hand an :class:`ExportJob` to the format's exporter (``@register_exporter``), which builds the
+   :class:`~cdcda_export.export.decoder.ExportDecoder` with the cache strategy it needs and writes
+   its model file(s);
+4. copy the tokenizer files, hash everything and write ``manifest.json`` -- all inside a temporary
+   directory renamed into place at the end (``utils.atomic_dir``), so an interrupted export never
+   leaves a directory that looks complete.
+
+Re-running with the same inputs returns the existing artifact at once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..errors import UserError
+from ..utils import atomic_dir, now_iso, peak_rss_mb, sha256_dir, versions, write_json_atomic
+from .manifest import MANIFEST, file_table
+from .recipe import Recipe
+from .registry import get_exporter, resolve_recipe
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
+
+
+@dataclass
+class ExportJob:
+    """What a format exporter gets. It writes model files into ``out_dir`` and returns an ExportResult dict:
+    ``{"io": {"methods", "inputs", "outputs", "kv_cache", ...}, "quantization_applied": {...},
+    "extra": {...}}``.
+    """
+
+    model: Any                      # HF *ForCausalLM, float32, eval, adapter merged
+    recipe: Recipe
+    out_dir: Path                   # the (temporary) artifact directory
+    work_dir: Path                  # scratch space, deleted afterwards
+    base_dir: Path
+    progress: Callable[[str], None] = lambda msg: None
+    _merged_dir: Path | None = field(default=None, repr=False)
+
+    def decoder(self, cache="io", **kwargs):
+        """The export-ready decoder over this job's (merged) weights."""
+        from .decoder import ExportDecoder
+
+        return ExportDecoder.from_hf(self.model, max_seq_len=self.recipe.max_seq_len, cache=cache, **kwargs)
+
+    def merged_hf_dir(self) -> Path:
+        """The merged model saved as a HF directory (for tools that read one, e.g. ORT GenAI's builder)."""
+        if self._merged_dir is None:
+            d = self.work_dir / "merged"
+            self.model.save_pretrained(d, safe_serialization=True)
+            for name in TOKENIZER_FILES:
+                if (self.base_dir / name).is_file():
+                    shutil.copy2(self.base_dir / name, d / name)
+            self._merged_dir = d
+        return self._merged_dir
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def check_model_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        found = sorted(p.name for p in path.iterdir())[:10] if path.is_dir() else "nothing (no such directory)"
+        raise UserError(f"not a Hugging Face model directory: no config.json (found {found})", file=str(path),
+                        hint="create one with `cdcda init-model --arch smollm2-135m --out DIR`")
+    if not (path / "tokenizer.json").is_file():
+        raise UserError("no tokenizer.json (a fast tokenizer is needed on device)", file=str(path),
+                        hint="save the tokenizer with tokenizer.save_pretrained(DIR)")
+
+
+def check_adapter_dir(path: Path) -> None:
+    if not (path / "adapter_config.json").is_file():
+        found = sorted(p.name for p in path.iterdir())[:10] if path.is_dir() else "nothing (no such directory)"
+        raise UserError(f"not a peft adapter directory: no adapter_config.json (found {found})", file=str(path),
+                        hint="train one with `cdcda train ...`")
+
+
+def load_merged_model(base: str | Path, adapter: str | Path | None = None):
+    """HF causal LM in float32 with eager attention, with the peft adapter merged when given."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = Path(base)
+    check_model_dir(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
+    if adapter is not None:
+        from peft import PeftModel
+
+        adapter = Path(adapter)
+        check_adapter_dir(adapter)
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def adapter_provenance(adapter: Path | None) -> tuple[str | None, str | None]:
+    """(user_id, task) from the adapter's ``training.json``; user_id falls back to the folder name."""
+    if adapter is None:
+        return None, None
+    meta = {}
+    tj = adapter / "training.json"
+    if tj.is_file():
+        try:
+            meta = json.loads(tj.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            meta = {}
+    return str(meta.get("user_id") or adapter.name), meta.get("task")
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+@contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[..., None]]:
+    """``step(msg)`` advances one stage; ``step(msg, advance=False)`` only updates the text (exporters)."""
+    if not enabled:
+        yield lambda msg, advance=True: None
+        return
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("[bold]export[/] {task.description}"), BarColumn(),
+                  TimeElapsedColumn(), transient=False) as prog:
+        task = prog.add_task("starting", total=total)
+
+        def step(msg: str, advance: bool = True) -> None:
+            prog.update(task, description=msg, advance=1 if advance else 0)
+
+        yield step
+        prog.update(task, description="done", completed=total)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _same_inputs(out: Path, recipe_resolved: dict, base_sha: str, adapter_sha: str | None) -> bool:
+    mp = out / MANIFEST
+    if not mp.is_file():
+        return False
+    try:
+        m = json.loads(mp.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return False
+    return (m.get("recipe", {}).get("resolved") == recipe_resolved and m.get("base_model", {}).get("sha256") == base_sha
+            and (m.get("adapter") or {}).get("sha256") == adapter_sha)
+
+
+def export(base: str | Path, adapter: str | Path | None, recipe: str | Path | Recipe, out: str | Path, *,
+           overwrite: bool = False, progress: bool = True, overrides: list[str] | None = None) -> Path:
+    """Export ``base`` (+ ``adapter``) with ``recipe`` into the artifact directory ``out``; returns ``out``."""
+    import torch
+
+    t0 = time.perf_counter()
+    base, out = Path(base), Path(out)
+    adapter = Path(adapter) if adapter is not None else None
+    if isinstance(recipe, Recipe):
+        rec, recipe_src = recipe, None
+    else:
+        rec, recipe_src = resolve_recipe(recipe, overrides)
+    check_model_dir(base)
+    if adapter is not None:
+        check_adapter_dir(adapter)
+    exporter = get_exporter(rec.format)   # unknown/missing format fails before any heavy work
+    resolved = rec.to_dict()
+    base_sha = sha256_dir(base)
+    adapter_sha = sha256_dir(adapter) if adapter is not None else None
+    if out.exists() and not overwrite:
+        if _same_inputs(out, resolved, base_sha, adapter_sha):
+            return out
+        raise UserError("output directory already exists (from other inputs)", file=str(out),
+                        hint="pass --force to replace it, or choose another --out")
+    user_id, task = adapter_provenance(adapter)
+
+    with _progress(progress, total=4) as step, atomic_dir(out, overwrite=overwrite) as tmp, \
+            tempfile.TemporaryDirectory(prefix=".cdcda-export-work-", dir=out.parent) as work:
+        step("loading base" + (" + merging adapter" if adapter else ""))
+        model = load_merged_model(base, adapter)
+        step(f"exporting {rec.format}/{rec.name}")
+        job = ExportJob(model=model, recipe=rec, out_dir=tmp, work_dir=Path(work), base_dir=base,
+                        progress=lambda msg: step(msg, advance=False))
+        with torch.no_grad():
+            result = exporter(job) or {}
+        step("writing tokenizer + manifest")
+        for name in TOKENIZER_FILES:
+            if (base / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(base / name, tmp / name)
+        cfg = model.config
+        gen = getattr(model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        eos = eos if eos is not None else cfg.eos_token_id
+        eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+        bos = getattr(gen, "bos_token_id", None) if gen is not None else None
+        bos = bos if bos is not None else getattr(cfg, "bos_token_id", None)
+        io = {"methods": ["forward"], "inputs": {}, "outputs": {}, "kv_cache": {},
+              "max_seq_len": rec.max_seq_len, "prefill_len": rec.prefill_len,
+              "vocab_size": int(cfg.vocab_size), "eos_token_ids": eos_ids,
+              "bos_token_id": None if bos is None else int(bos), "model_type": cfg.model_type}
+        io.update(result.get("io", {}))
+        manifest = {
+            "format": rec.format,
+            "recipe": {"name": rec.name, "source": str(recipe_src) if recipe_src else None, "resolved": resolved},
+            "files": file_table(tmp),
+            "base_model": {"source": str(base.resolve()), "sha256": base_sha},
+            "adapter": ({"source": str(adapter.resolve()), "sha256": adapter_sha} if adapter is not None else None),
+            "user_id": user_id,
+            "task": task,
+            "io": io,
+            "versions": versions(),
+            "created_at": now_iso(),
+            "export": {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_mb(), 1)},
+            "quantization_applied": result.get("quantization_applied", {}),
+        }
+        if result.get("extra"):
+            manifest["export"].update(result["extra"])
+        write_json_atomic(tmp / MANIFEST, manifest)
+        step("done")
+        del model, job
+    return out

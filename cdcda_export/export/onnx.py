@@ -1,0 +1,427 @@
+"""ONNX format: the export decoder with explicit past/present KV I/O, for ONNX Runtime and ORT GenAI.
+
+Engine ``decoder`` (default): ``ExportDecoder`` with explicit KV I/O, exported with
+``torch.onnx.export(dynamo=True)`` with dynamic ``seq`` and ``past_seq`` (never the static-cache
+program: its cache turns into hidden buffers with no inputs/outputs, so the model silently stops
+caching -- see STACK-NOTES). ``onnx.attention: gqa`` (default) uses the ``"ort-gqa"`` strategy below:
+one ``com.microsoft.GroupQueryAttention`` node per layer (RoPE, causal mask, KV concat inside), with
+one qkv and one gate_up MatMul per layer and an RMSNorm ORT fuses (``onnx.fuse_projections``) -- the
+graph shape ORT GenAI's builder writes. ``onnx.attention: portable`` uses the plain ``"io"`` strategy
+(standard ONNX ops only). Quantization is ONNX Runtime's:
+
+* ``int8`` / ``int8-dynamic``: ``quantize_dynamic`` (MatMul weights int8, activations quantized at
+  run time);
+* ``int4``: ``MatMulNBitsQuantizer`` (MatMulNBits, symmetric, ``block_size``, ``accuracy_level``),
+  optionally the embedding Gather as ``GatherBlockQuantized`` (``quantization.embeddings: int4``).
+
+Engine ``genai-builder``: ``onnxruntime_genai.models.builder`` on the merged HF directory (fused
+GroupQueryAttention/RotaryEmbedding/SkipSimplifiedLayerNorm contrib ops). Same I/O names.
+
+Both write ``genai_config.json`` so ``onnxruntime_genai`` runs the artifact as well as
+``cdcda_export.runtime.onnx``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..errors import UserError
+from .registry import register_exporter
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+# ----------------------------------------------------------------------------- fused attention strategy
+#
+# ONNX Runtime's fastest CPU decoder graphs (what ORT GenAI's builder writes) use the contrib op
+# com.microsoft.GroupQueryAttention: GQA + causal mask + KV concat + RoPE in one kernel. We emit it from
+# the same export decoder: a torch custom op ``cdcda::ort_gqa`` (eager reference implementation, so
+# the torch model still runs and is tested) that the ONNX exporter translates to the contrib op.
+
+_GQA_OP = None
+
+
+def _gqa_op():
+    """Define ``torch.ops.cdcda.ort_gqa`` once (lazily: torch is only imported by exporters)."""
+    global _GQA_OP
+    if _GQA_OP is not None:
+        return _GQA_OP
+    import torch
+    from .decoder import apply_rope, causal_mask, eager_attention
+
+    schema = ("(Tensor q, Tensor k, Tensor v, Tensor past_k, Tensor past_v, Tensor seqlens_k, Tensor total_len, "
+              "Tensor cos_cache, Tensor sin_cache, int num_heads, int kv_heads, float scale, int do_rotary, "
+              "int share_buffer) "
+              "-> (Tensor, Tensor, Tensor)")  # explicit: this module uses postponed annotations
+
+    @torch.library.custom_op("cdcda::ort_gqa", mutates_args=(), schema=schema)
+    def ort_gqa(q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache, num_heads, kv_heads,
+                scale, do_rotary, share_buffer):
+        """Reference semantics of GroupQueryAttention (batch 1, no padding): q [B,T,H*D], k/v [B,T,KVH*D],
+        past [B,KVH,P,D] -> out [B,T,H*D], present = concat(past, new) [B,KVH,P+T,D]; with ``share_buffer``
+        past is a [B,KVH,max_seq_len,D] buffer and present is that buffer with rows total-T..total-1 written
+        (ORT does it in place when past and present are bound to the same memory)."""
+        b, t, _ = q.shape
+        d = past_k.shape[-1]
+        share = share_buffer != 0
+        p = int(total_len) - t if share else past_k.shape[2]
+        qh = q.view(b, t, num_heads, d)
+        kh = k.view(b, t, kv_heads, d)
+        if do_rotary:
+            pos = torch.arange(p, p + t)
+            cos = torch.cat([cos_cache[pos], cos_cache[pos]], -1)[None, :, None, :]
+            sin = torch.cat([sin_cache[pos], sin_cache[pos]], -1)[None, :, None, :]
+            qh, kh = apply_rope(qh, cos, sin, d, d), apply_rope(kh, cos, sin, d, d)
+        vh = v.view(b, t, kv_heads, d).transpose(1, 2)
+        if share:  # present is the past buffer (max_seq_len long) with the new rows written at p .. p+t-1
+            pk, pv = past_k.clone(), past_v.clone()
+            pk[:, :, p:p + t] = kh.transpose(1, 2)
+            pv[:, :, p:p + t] = vh
+            ak, av = pk[:, :, :p + t], pv[:, :, :p + t]
+        else:
+            pk = ak = torch.cat([past_k, kh.transpose(1, 2)], 2)
+            pv = av = torch.cat([past_v, vh], 2)
+        out = eager_attention(qh.transpose(1, 2), ak, av, causal_mask(t, p + t, q.dtype), scale)
+        return out, pk, pv
+
+    @ort_gqa.register_fake
+    def _(q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache, num_heads, kv_heads, scale, do_rotary,
+          share_buffer):
+        b, t, _ = q.shape
+        d = past_k.shape[-1]
+        s = past_k.shape[2] if share_buffer else past_k.shape[2] + t
+        return (q.new_empty(b, t, num_heads * d), past_k.new_empty(b, kv_heads, s, d),
+                past_v.new_empty(b, kv_heads, s, d))
+
+    _GQA_OP = torch.ops.cdcda.ort_gqa.default
+    return _GQA_OP
+
+
+def _gqa_onnx(q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache, num_heads, kv_heads, scale,
+              do_rotary, share_buffer):
+    """ONNX translation of ``cdcda::ort_gqa``: one com.microsoft.GroupQueryAttention node."""
+    # torch's exporter has no public helper for a contrib-domain node with several outputs; this is the
+    # one it uses itself for control flow (torch 2.13). The domain's opset is set to 1 after export.
+    from torch.onnx._internal.exporter._torchlib.ops.hop import call_op
+
+    return call_op("GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache,
+                   _num_outputs=3, _domain="com.microsoft", num_heads=num_heads, kv_num_heads=kv_heads,
+                   scale=scale, do_rotary=do_rotary, rotary_interleaved=0)
+
+
+def _make_gqa_strategy():
+    import torch
+
+    from .decoder import AttnContext, IOCache
+
+    class OrtGQACache(IOCache):
+        """``io`` I/O (same names/shapes), attention as com.microsoft.GroupQueryAttention (+ RoPE when full)."""
+
+        name = "ort-gqa"
+        layout = "bthd"
+
+        def __init__(self, share_buffer: bool = True):
+            super().__init__()
+            self.share_buffer = share_buffer
+
+        def setup(self, dec):
+            super().setup(dec)
+            sp = dec.spec
+            self.applies_rope = sp.rotary_dim == sp.head_dim   # partial rotary (Phi-3 variants): decoder rotates
+            half = sp.rotary_dim // 2
+            self.register_buffer("cos_cache", dec.rope_cos[:, :half].clone(), persistent=False)
+            self.register_buffer("sin_cache", dec.rope_sin[:, :half].clone(), persistent=False)
+            self.op = _gqa_op()
+
+        def prepare(self, dec, input_ids, attention_mask, position_ids, *past) -> AttnContext:
+            n = self.spec.num_layers
+            cos = sin = None
+            if not self.applies_rope:
+                cos, sin = dec.rope_at(position_ids)
+            total = attention_mask.shape[1]
+            seqlens = (attention_mask.sum(1) - 1).to(torch.int32)
+            total_len = (attention_mask[0, 0] * 0 + total).to(torch.int32)  # 0-d int32 tensor of a symbolic size
+            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(n)]
+            return AttnContext(input_ids=input_ids, cos=cos, sin=sin, past=pairs,
+                               extra={"seqlens_k": seqlens, "total_len": total_len})
+
+        def attend(self, layer_idx, q, k, v, ctx):
+            b, t = q.shape[0], q.shape[1]
+            sp = self.spec
+            pk, pv = ctx.past[layer_idx]
+            out, nk, nv = self.op(q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1), pk, pv,
+                                  ctx.extra["seqlens_k"], ctx.extra["total_len"], self.cos_cache, self.sin_cache,
+                                  sp.num_heads, sp.num_kv_heads, float(self.scale), int(self.applies_rope),
+                                  int(self.share_buffer))
+            ctx.present.append((nk, nv))
+            return out
+
+        def example_inputs(self, dec, seq_len: int, past_len: int = 0) -> tuple:
+            ex = super().example_inputs(dec, seq_len, past_len)
+            if not self.share_buffer:
+                return ex
+            sp = self.spec
+            buf = [torch.zeros(1, sp.num_kv_heads, sp.max_seq_len, sp.head_dim) for _ in range(2 * sp.num_layers)]
+            return (*ex[:3], *buf)
+
+        def io_description(self) -> dict:
+            d = super().io_description()
+            d["kv_cache"]["attention_op"] = "com.microsoft.GroupQueryAttention"
+            if self.share_buffer:
+                buf = [1, self.spec.num_kv_heads, "max_seq_len", self.spec.head_dim]
+                for k in list(d["inputs"]):
+                    if k.startswith("past_key_values"):
+                        d["inputs"][k]["shape"] = buf
+                for k in list(d["outputs"]):
+                    if k.startswith("present"):
+                        d["outputs"][k]["shape"] = buf
+                d["kv_cache"]["present"] = ("past_present_share_buffer: present is the past buffer, updated in "
+                                            "place when both are bound to the same memory (IOBinding)")
+                d["share_buffer"] = True
+            return d
+
+    return OrtGQACache
+
+
+def cache_strategy(name: str, share_buffer: bool = True):
+    """``"io"`` (portable ONNX ops) or ``"ort-gqa"`` (fused contrib op, ONNX Runtime only)."""
+    if name == "ort-gqa":
+        return _make_gqa_strategy()(share_buffer=share_buffer)
+    return name
+
+
+def _dynamic_shapes(n_layers: int):
+    from torch.export import Dim
+
+    seq = Dim("seq", min=1, max=32768)
+    past = Dim("past_seq", min=0, max=32768)
+    shapes = [{1: seq}, {1: Dim.AUTO}, {1: seq}]
+    shapes += [{2: past}] * (2 * n_layers)
+    return tuple(shapes)
+
+
+def _save(model_proto, path: Path) -> None:
+    import onnx
+
+    for p in (path, path.with_name(path.name + ".data")):
+        if p.exists():
+            p.unlink()
+    onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def export_decoder_onnx(dec, path: Path, opset: int) -> None:
+    """torch.onnx.export (dynamo) of an ``io``-strategy decoder to ``path`` (+ ``.data``)."""
+    import torch
+
+    example = dec.cache.example_inputs(dec, seq_len=3, past_len=5)
+    table = {_gqa_op(): _gqa_onnx} if dec.cache.name == "ort-gqa" else None
+    prog = torch.onnx.export(
+        dec, example, dynamo=True, opset_version=opset, optimize=True, external_data=True,
+        input_names=dec.cache.input_names(), output_names=dec.cache.output_names(),
+        dynamic_shapes=(_dynamic_shapes(dec.spec.num_layers),), verbose=False, report=False,
+        custom_translation_table=table)
+    proto = prog.model_proto
+    for imp in proto.opset_import:
+        if imp.domain == "com.microsoft":
+            imp.version = 1   # contrib ops are opset 1; the exporter stamps the default opset
+    _save(proto, path)
+
+
+def count_ops(path: Path) -> dict[str, int]:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    out: dict[str, int] = {}
+    for n in m.graph.node:
+        out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out
+
+
+def _share_tied_int4_embedding(proto, block: int) -> bool:
+    """Tied embeddings: let the int4 embedding Gather read the int4 lm_head's weights (as ORT GenAI's
+    builder does) instead of a second int4 copy of the same table. Returns whether it was shared."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    gbq = [n for n in g.node if n.op_type == "GatherBlockQuantized"]
+    emb = [n for n in gbq if len(n.input) >= 3 and n.input[0] in inits]
+    lm = [n for n in g.node if n.op_type == "MatMulNBits" and "logits" in n.output]
+    if len(emb) != 1 or len(lm) != 1 or len(lm[0].input) != 3:   # zero points (asymmetric): keep both copies
+        return False
+    emb, lm = emb[0], lm[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in lm.attribute}
+    n_rows, k = int(attrs["N"]), int(attrs["K"])
+    data, scales = inits[emb.input[0]], inits[emb.input[2]]
+    if k % block or int(attrs.get("block_size", 0)) != block or list(data.dims) != [n_rows, k]:
+        return False
+    shape_name = f"{emb.name}_tied_shape"
+    g.initializer.append(numpy_helper.from_array(np.array([n_rows, k // 2], dtype=np.int64), shape_name))
+    flat = f"{emb.name}_tied_weight"
+    reshape = helper.make_node("Reshape", [lm.input[1], shape_name], [flat], name=f"{emb.name}_tied_reshape")
+    old_inputs = list(emb.input)
+    emb.input[0], emb.input[2] = flat, lm.input[2]
+    del emb.attribute[:]
+    emb.attribute.extend([helper.make_attribute("bits", 4), helper.make_attribute("block_size", block),
+                          helper.make_attribute("gather_axis", 0), helper.make_attribute("quantize_axis", 1)])
+    idx = list(g.node).index(emb)
+    g.node.insert(idx, reshape)
+    for name in (old_inputs[0], old_inputs[2]):
+        if not any(name in n.input for n in g.node):
+            g.initializer.remove(inits[name])
+    return True
+
+
+def _quantize(src: Path, dst: Path, recipe, work: Path, tied: bool = False) -> dict:
+    q = recipe.quantization
+    if q.scheme in ("int8", "int8-dynamic"):
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                         per_channel=True, use_external_data_format=True,
+                         extra_options={"MatMulConstBOnly": True})
+        # quantize_dynamic names its data file after dst; normalize to <model>.onnx.data
+        import onnx
+
+        _save(onnx.load(str(dst)), dst)
+        return {}
+    elif q.scheme == "int4":
+        import logging
+
+        import onnx
+        from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+        logging.getLogger(mnq.__name__).setLevel(logging.WARNING)   # one INFO line per node otherwise
+
+        ops = ("MatMul", "Gather") if q.embeddings in ("int4", "same") else ("MatMul",)
+        quant = mnq.MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=q.block_size or 32,
+                                         is_symmetric=True, accuracy_level=recipe.onnx.accuracy_level,
+                                         op_types_to_quantize=ops)
+        quant.process()
+        proto = quant.model.model
+        shared = bool(tied and "Gather" in ops and _share_tied_int4_embedding(proto, q.block_size or 32))
+        _save(proto, dst)
+        return {"embedding_shares_lm_head_int4": shared}
+    else:
+        raise UserError(f"quantization.scheme {q.scheme!r} is not supported for onnx",
+                        field="quantization.scheme", expected="none, int8, int8-dynamic or int4")
+
+
+def genai_config(spec, recipe, *, filename: str = MODEL_FILE, pad_token_id: int | None = None,
+                 share_buffer: bool = False) -> dict:
+    eos = spec.eos_token_ids or [0]
+    return {
+        "model": {
+            "bos_token_id": spec.bos_token_id if spec.bos_token_id is not None else eos[0],
+            "context_length": recipe.max_seq_len,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename,
+                "head_size": spec.head_dim,
+                "hidden_size": spec.hidden_size,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": spec.num_heads,
+                "num_hidden_layers": spec.num_layers,
+                "num_key_value_heads": spec.num_kv_heads,
+            },
+            "eos_token_id": eos if len(eos) > 1 else eos[0],
+            "pad_token_id": pad_token_id if pad_token_id is not None else eos[0],
+            "type": spec.family if spec.family in ("llama", "qwen2", "qwen3", "phi3") else "llama",
+            "vocab_size": spec.vocab_size,
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": recipe.max_seq_len, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": share_buffer, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+
+
+def _quant_facts(path: Path, scheme: str) -> dict:
+    ops = count_ops(path)
+    if scheme == "int4":
+        quantized, left = ops.get("MatMulNBits", 0), ops.get("MatMul", 0)
+        emb = ops.get("GatherBlockQuantized", 0)
+    elif scheme in ("int8", "int8-dynamic"):
+        quantized = ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0)
+        left, emb = ops.get("MatMul", 0), 0
+    else:
+        quantized, left, emb = 0, ops.get("MatMul", 0) + ops.get("MatMulNBits", 0), 0
+    return {"scheme": scheme, "quantized_matmuls": quantized, "float_matmuls": left,
+            "quantized_embeddings": emb, "op_counts": ops}
+
+
+def _via_builder(job) -> dict:
+    """ORT GenAI's model builder on the merged HF dir (fused GQA); writes model.onnx + genai_config.json."""
+    import subprocess
+    import sys
+
+    rec, q = job.recipe, job.recipe.quantization
+    precision = {"none": "fp32", "int4": "int4"}.get(q.scheme)
+    if precision is None:
+        raise UserError(f"onnx.engine genai-builder supports quantization none or int4, not {q.scheme!r}",
+                        field="quantization.scheme", expected="none or int4 (or onnx.engine: decoder)")
+    src = job.merged_hf_dir()
+    out = job.work_dir / "builder"
+    extra = [f"block_size={q.block_size or 32}", f"accuracy_level={rec.onnx.accuracy_level}"]
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
+           "-p", precision, "-e", "cpu", "-c", str(job.work_dir / "builder-cache"), "--extra_options", *extra]
+    job.progress("onnxruntime_genai builder")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"onnxruntime_genai builder failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    for f in out.iterdir():
+        if f.suffix in (".onnx", ".data") or f.name == "genai_config.json":
+            shutil.copy2(f, job.out_dir / f.name)
+    cfg = json.loads((job.out_dir / "genai_config.json").read_text())
+    cfg["model"]["context_length"] = rec.max_seq_len
+    cfg["search"]["max_length"] = rec.max_seq_len
+    (job.out_dir / "genai_config.json").write_text(json.dumps(cfg, indent=4))
+    return cfg
+
+
+@register_exporter("onnx")
+def export_onnx(job) -> dict:
+    rec = job.recipe
+    opts = rec.onnx
+    q = rec.quantization
+    # A tied lm_head exports as MatMul(x, Transpose(embedding)): no constant weight, so ORT's quantizers
+    # would leave the largest matrix in fp32. Quantized recipes give it its own copy.
+    dec = job.decoder(cache_strategy("ort-gqa" if opts.attention == "gqa" else "io", opts.share_kv_buffer),
+                      untie_lm_head=q.scheme != "none", fuse_projections=opts.fuse_projections,
+                      norm_div=opts.fuse_projections)
+    spec = dec.spec
+    io = {"methods": ["forward"], "engine": opts.engine, **dec.io_description()}
+    final = job.out_dir / MODEL_FILE
+    if opts.engine == "genai-builder":
+        cfg = _via_builder(job)
+        io["share_buffer"] = bool(cfg["search"].get("past_present_share_buffer", False))
+        io["kv_cache"]["present"] = "past_present_share_buffer" if io["share_buffer"] else "concat(past, new)"
+        return {"io": io, "quantization_applied": _quant_facts(final, q.scheme)}
+
+    job.progress("torch.onnx.export (dynamo, explicit KV I/O)")
+    extra_facts: dict = {}
+    if q.scheme == "none":
+        export_decoder_onnx(dec, final, opts.opset)
+    else:
+        fp32 = job.work_dir / "fp32" / MODEL_FILE
+        fp32.parent.mkdir(parents=True, exist_ok=True)
+        export_decoder_onnx(dec, fp32, opts.opset)
+        job.progress(f"onnxruntime quantization ({q.scheme})")
+        extra_facts = _quantize(fp32, final, rec, job.work_dir, tied=spec.tie_word_embeddings)
+    del dec
+    cfg = genai_config(spec, rec, share_buffer=bool(io.get("share_buffer")))
+    (job.out_dir / "genai_config.json").write_text(json.dumps(cfg, indent=4))
+    facts = {**_quant_facts(final, q.scheme), **extra_facts}
+    if q.scheme != "none" and facts["quantized_matmuls"] == 0:
+        raise RuntimeError(f"quantization {q.scheme} did not quantize any MatMul (op counts: {facts['op_counts']})")
+    return {"io": io, "quantization_applied": facts}
+

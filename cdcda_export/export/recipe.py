@@ -1,0 +1,163 @@
+"""Typed export recipes: one YAML file per (format, quantization, target).
+
+A recipe loads into :class:`Recipe` with :func:`cdcda_export.config.build`, which collects every
+problem and names the key, the bad value and the allowed values. Example (``recipes/onnx/int4.yaml``)::
+
+    format: onnx
+    name: int4
+    description: ONNX Runtime, int4 weights (MatMulNBits, block 32), explicit KV I/O
+    target: cpu
+    max_seq_len: 512
+    prefill_len: 128
+    quantization: {scheme: int4, bits: 4, block_size: 32, layers: linear, embeddings: none}
+    onnx: {execution_provider: cpu, opset: 18, accuracy_level: 4}
+    thresholds: {max_abs_logit_err: 3.0, mean_kl: 0.05, top1_agreement: 0.9, greedy_match_rate: 0.7, ppl_ratio: 1.1}
+
+Per-format backend sections (``xnnpack``, ``coreml``, ``onnx``) are optional; only the one that
+matches ``format`` is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import apply_overrides, build, load_yaml, to_dict
+
+FORMATS = ("executorch", "onnx", "coreml")
+SCHEMES = ("none", "fp16", "8da4w", "8da8w", "int8wo", "int4wo", "int8-dynamic", "int8", "int4",
+           "int8-linear", "int4-block", "palettize-4bit")
+# Which schemes make sense for which format (checked after the tree is built).
+SCHEMES_BY_FORMAT = {
+    "executorch": ("none", "fp16", "8da4w", "8da8w", "int8wo", "int4wo"),
+    "onnx": ("none", "int8-dynamic", "int8", "int4"),
+    "coreml": ("none", "fp16", "int8-linear", "int4-block", "palettize-4bit"),
+}
+TARGETS = ("cpu", "android", "ios", "macos", "any", "arm64", "x86_64", "apple-ane", "apple-gpu")
+
+
+@dataclass
+class Quantization:
+    scheme: str = field(default="none", metadata={"choices": SCHEMES})
+    bits: int | None = None
+    group_size: int | None = None          # per-group (ExecuTorch/torchao)
+    block_size: int | None = None          # per-block (ONNX MatMulNBits, Core ML per_block)
+    layers: str = field(default="linear", metadata={"choices": ("linear", "all", "none")})
+    embeddings: str = field(default="none", metadata={"choices": ("none", "int8", "int4", "same")})
+    embedding_group_size: int | None = None
+
+    def __post_init__(self):
+        if self.bits is not None and self.bits not in (2, 3, 4, 6, 8, 16, 32):
+            raise ValueError(f"quantization.bits: {self.bits!r} is not allowed; allowed: 2, 3, 4, 6, 8, 16, 32")
+        for name in ("group_size", "block_size", "embedding_group_size"):
+            v = getattr(self, name)
+            if v is not None and (v <= 0 or v & (v - 1)):
+                raise ValueError(f"quantization.{name}: {v!r} is not allowed; allowed: a power of two (16, 32, 64, 128)")
+
+
+@dataclass
+class XnnpackOptions:
+    enabled: bool = True
+    extended_ops: bool = True
+    threads: int = 1
+
+
+@dataclass
+class CoremlOptions:
+    compute_units: str = field(default="cpu_and_ne", metadata={"choices": ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")})
+    precision: str = field(default="fp16", metadata={"choices": ("fp16", "fp32")})
+    minimum_deployment_target: str = field(default="iOS18", metadata={
+        "choices": ("iOS17", "iOS18", "macOS14", "macOS15")})
+    delegate: bool = False   # ExecuTorch Core ML delegate (.pte) instead of .mlpackage
+
+
+@dataclass
+class OnnxOptions:
+    execution_provider: str = field(default="cpu", metadata={"choices": ("cpu", "cuda", "dml", "coreml", "nnapi", "qnn", "xnnpack")})
+    opset: int = 18
+    accuracy_level: int = 4           # MatMulNBits: 0 (default), 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
+    engine: str = field(default="decoder", metadata={"choices": ("decoder", "genai-builder")})
+    # decoder engine: "gqa" = com.microsoft.GroupQueryAttention (fused, ONNX Runtime), "portable" = plain ONNX ops
+    attention: str = field(default="gqa", metadata={"choices": ("gqa", "portable")})
+    fuse_projections: bool = True     # one qkv and one gate_up MatMul per layer; RMSNorm in ORT-fusable form
+    share_kv_buffer: bool = True      # gqa: past/present are one max_seq_len buffer updated in place (IOBinding)
+
+    def __post_init__(self):
+        if not 14 <= self.opset <= 23:
+            raise ValueError(f"onnx.opset: {self.opset!r} is not allowed; allowed: 14..23")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"onnx.accuracy_level: {self.accuracy_level!r} is not allowed; allowed: 0, 1, 2, 3, 4")
+
+
+@dataclass
+class Thresholds:
+    """Fidelity gate against the eager merged model (``cdcda check``)."""
+
+    max_abs_logit_err: float = 1e-3
+    mean_kl: float = 1e-4
+    top1_agreement: float = 0.99
+    greedy_match_rate: float = 0.95
+    ppl_ratio: float = 1.01
+
+
+@dataclass
+class Recipe:
+    format: str = field(metadata={"choices": FORMATS})
+    name: str
+    description: str = ""
+    target: str = field(default="cpu", metadata={"choices": TARGETS})
+    max_seq_len: int = 512
+    prefill_len: int = 128
+    quantization: Quantization = field(default_factory=Quantization)
+    xnnpack: XnnpackOptions | None = None
+    coreml: CoremlOptions | None = None
+    onnx: OnnxOptions | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    options: dict[str, Any] = field(default_factory=dict)   # free-form extras for a format
+
+    def __post_init__(self):
+        if self.max_seq_len < 8 or self.max_seq_len > 32768:
+            raise ValueError(f"max_seq_len: {self.max_seq_len!r} is not allowed; allowed: 8..32768")
+        if not 1 <= self.prefill_len <= self.max_seq_len:
+            raise ValueError(f"prefill_len: {self.prefill_len!r} is not allowed; allowed: 1..max_seq_len ({self.max_seq_len})")
+        allowed = SCHEMES_BY_FORMAT.get(self.format, SCHEMES)
+        if self.quantization.scheme not in allowed:
+            raise ValueError(f"quantization.scheme: {self.quantization.scheme!r} is not allowed for format "
+                             f"{self.format!r}; allowed: {', '.join(allowed)}")
+        # The format's backend section always exists after loading, with its defaults.
+        if self.format == "onnx" and self.onnx is None:
+            self.onnx = OnnxOptions()
+        if self.format == "coreml" and self.coreml is None:
+            self.coreml = CoremlOptions()
+        if self.format == "executorch" and self.xnnpack is None:
+            self.xnnpack = XnnpackOptions()
+
+    @property
+    def backend(self):
+        return {"onnx": self.onnx, "coreml": self.coreml, "executorch": self.xnnpack}[self.format]
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def runs_on_this_host(self) -> bool:
+        """Whether artifacts of this recipe can be *run* here (Core ML predictions need macOS)."""
+        import sys
+
+        if self.format == "coreml" and not (self.coreml and self.coreml.delegate):
+            return sys.platform == "darwin"
+        if self.format == "executorch" and self.coreml is not None and self.coreml.delegate:
+            return sys.platform == "darwin"
+        return True
+
+
+def recipe_from_dict(data: dict, *, source: str | None = None, overrides: list[str] | None = None) -> Recipe:
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return build(Recipe, data, source=source,
+                 hint="fix the recipe (see recipes/README.md), or list shipped ones with `cdcda recipes`")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load one recipe YAML file (``overrides``: dotted ``key=value`` strings, e.g. ``max_seq_len=256``)."""
+    return recipe_from_dict(load_yaml(path), source=str(path), overrides=overrides)

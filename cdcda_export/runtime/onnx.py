@@ -1,0 +1,111 @@
+"""ONNX Runtime runner for ``format: onnx`` artifacts (explicit past/present KV I/O).
+
+Feeds ``input_ids``, ``attention_mask``, ``position_ids`` and ``past_key_values.{i}.key|value``
+(ORT GenAI names) and keeps ``present.{i}.*`` as the next call's past. Works for artifacts from
+both ONNX engines (our decoder and ORT GenAI's builder). For graphs whose KV buffers are shared
+(``io.share_buffer``: GroupQueryAttention with ``past_present_share_buffer``), past and present are
+bound to one max_seq_len OrtValue per tensor (IOBinding), so the cache is updated in place.
+Imports only numpy and onnxruntime (this module travels to devices).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .base import RuntimeUnavailable
+
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+       "tensor(int32)": np.int32}
+
+
+class OnnxRunner:
+    def __init__(self, artifact_dir: Path, manifest: dict, threads: int | None = None,
+                 provider: str = "CPUExecutionProvider"):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:  # pragma: no cover - depends on the host
+            raise RuntimeUnavailable("onnxruntime is not installed (pip install onnxruntime)") from e
+        self.manifest = manifest
+        io = manifest["io"]
+        self.max_seq_len = int(io["max_seq_len"])
+        self.prefill_len = int(io.get("prefill_len") or self.max_seq_len)
+        files = [f for f in manifest.get("files", {}) if f.endswith(".onnx")]
+        model = artifact_dir / (files[0] if files else "model.onnx")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(model), sess_options=so, providers=[provider])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.present_names = ["present." + n[len("past_key_values."):] for n in self.past_names]
+        self.share_buffer = bool(io.get("share_buffer", False))
+        first = self.inputs[self.past_names[0]]
+        self.kv_dtype = _NP.get(first.type, np.float32)
+        dims = [d if isinstance(d, int) else None for d in first.shape]
+        self.kv_heads = dims[1] or int(io["num_kv_heads"])
+        self.head_dim = dims[3] or int(io["head_dim"])
+        self.ids_dtype = _NP.get(self.inputs["input_ids"].type, np.int64)
+        self.mask_dtype = _NP.get(self.inputs["attention_mask"].type, np.int64) if "attention_mask" in self.inputs else None
+        self.reset()
+
+    def reset(self) -> None:
+        n = self.max_seq_len if self.share_buffer else 0
+        self.past = {k: np.zeros((1, self.kv_heads, n, self.head_dim), dtype=self.kv_dtype) for k in self.past_names}
+        if self.share_buffer:
+            # past and present bound to the same OrtValue: GroupQueryAttention updates the cache in place
+            import onnxruntime as ort
+
+            self.kv_values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.past.items()}
+        self.position = 0
+
+    def _run(self, ids: Sequence[int]) -> np.ndarray:
+        t = len(ids)
+        if self.position + t > self.max_seq_len:
+            raise ValueError(f"{self.position + t} tokens exceed max_seq_len={self.max_seq_len}; call reset()")
+        feeds = {"input_ids": np.asarray([ids], dtype=self.ids_dtype)}
+        total = self.position + t
+        if self.mask_dtype is not None:
+            feeds["attention_mask"] = np.ones((1, total), dtype=self.mask_dtype)
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = np.arange(self.position, total, dtype=np.int64)[None]
+        if self.share_buffer:
+            return self._run_bound(feeds, total)
+        feeds.update(self.past)
+        outs = self.session.run(None, feeds)
+        res = dict(zip(self.output_names, outs))
+        for past, present in zip(self.past_names, self.present_names):
+            self.past[past] = res[present]
+        self.position = total
+        return np.asarray(res["logits"][0], dtype=np.float32)
+
+    def _run_bound(self, feeds: dict, total: int) -> np.ndarray:
+        b = self.session.io_binding()
+        b.bind_output("logits")   # first, so it is get_outputs()[0]
+        for name, arr in feeds.items():
+            b.bind_cpu_input(name, arr)
+        for past, present in zip(self.past_names, self.present_names):
+            b.bind_ortvalue_input(past, self.kv_values[past])
+            b.bind_ortvalue_output(present, self.kv_values[past])
+        self.session.run_with_iobinding(b)
+        self.position = total
+        return np.asarray(b.get_outputs()[0].numpy()[0], dtype=np.float32)
+
+    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        ids = [int(i) for i in token_ids]
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        chunks = [self._run(ids[i:i + self.prefill_len]) for i in range(0, len(ids), self.prefill_len)]
+        return np.concatenate(chunks, axis=0)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._run([int(token_id)])[-1]
+
+
+def load(artifact_dir: Path, manifest: dict, threads: int | None = None, **options) -> OnnxRunner:
+    return OnnxRunner(Path(artifact_dir), manifest, threads=threads, **options)

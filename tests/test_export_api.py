@@ -1,0 +1,115 @@
+"""export(): adapter merge + provenance, atomic writes, reruns, user errors, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cdcda_export.errors import UserError
+from cdcda_export.export import registry
+from cdcda_export.export.api import export
+from cdcda_export.export.manifest import REQUIRED_KEYS, verify
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_model_dir, tmp_path_factory):
+    """A real peft LoRA adapter (non-zero B, so merging changes the model) with training.json provenance."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model_dir("tiny")
+    out = tmp_path_factory.mktemp("adapters") / "user-7"
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, cfg)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    (out / "training.json").write_text(json.dumps({"user_id": "u-42", "task": "LaMP-3"}))
+    return out
+
+
+@pytest.mark.integration
+def test_adapter_is_merged_and_recorded(tiny_model_dir, tiny_adapter, tiny_artifact):
+    import torch
+
+    from cdcda_export import runtime
+    from cdcda_export.export.api import load_merged_model
+    from cdcda_export.utils import sha256_dir
+
+    base = tiny_model_dir("tiny")
+    art = tiny_artifact("tiny", "onnx/fp32", adapter=tiny_adapter)
+    m = json.loads((art / "manifest.json").read_text())
+    assert set(REQUIRED_KEYS) <= set(m)
+    assert m["adapter"] == {"source": str(tiny_adapter.resolve()), "sha256": sha256_dir(tiny_adapter)}
+    assert m["base_model"]["sha256"] == sha256_dir(base)
+    assert (m["user_id"], m["task"]) == ("u-42", "LaMP-3")
+    assert verify(art) == []
+
+    ids = [5, 17, 42, 99, 123, 7]
+    with torch.no_grad():
+        merged = load_merged_model(base, tiny_adapter)(input_ids=torch.tensor([ids])).logits[0].numpy()
+        plain = load_merged_model(base)(input_ids=torch.tensor([ids])).logits[0].numpy()
+    got = runtime.load(art).prefill(ids)
+    assert np.abs(merged - plain).max() > 1e-3, "the adapter must change the model for this test to mean anything"
+    err = float(np.abs(got - merged).max())
+    assert err <= 1e-4, f"artifact vs eager merged model: max |logit err| {err:.2e} > 1e-4"
+
+
+@pytest.mark.integration
+def test_interrupted_export_leaves_nothing_complete(tiny_model_dir, tmp_path, monkeypatch):
+    def boom(job):
+        (job.out_dir / "model.onnx").write_bytes(b"half a model")
+        raise RuntimeError("killed mid-export")
+
+    monkeypatch.setitem(registry._EXPORTERS, "onnx", boom)
+    out = tmp_path / "art"
+    with pytest.raises(RuntimeError, match="killed mid-export"):
+        export(tiny_model_dir("tiny"), None, "onnx/fp32", out, progress=False)
+    assert not out.exists(), "an interrupted export must not leave the artifact directory"
+    assert not list(tmp_path.glob("*")), f"leftovers: {list(tmp_path.glob('*'))}"
+
+
+@pytest.mark.integration
+def test_rerun_is_cheap_and_existing_dir_needs_force(tiny_model_dir, tiny_artifact):
+    base = tiny_model_dir("tiny")
+    art = tiny_artifact("tiny", "onnx/fp32")
+    before = (art / "manifest.json").stat().st_mtime_ns
+    assert export(base, None, "onnx/fp32", art, progress=False) == art   # same inputs: returns at once
+    assert (art / "manifest.json").stat().st_mtime_ns == before
+    with pytest.raises(UserError, match="already exists .*\n  next: pass --force"):
+        export(base, None, "onnx/fp32", art, progress=False, overrides=["max_seq_len=256"])
+
+
+def test_bad_inputs_are_user_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a Hugging Face model directory.*\n  next: create one with `cdcda init-model"):
+        export(tmp_path / "empty", None, "onnx/fp32", tmp_path / "out", progress=False)
+    with pytest.raises(UserError, match="Recipe 'nope' not found. Available:"):
+        export(tmp_path / "empty", None, "nope", tmp_path / "out", progress=False)
+
+
+def test_bad_adapter_dir_is_user_error(tiny_model_dir, tmp_path):
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(UserError, match="not a peft adapter directory"):
+        export(tiny_model_dir("tiny"), tmp_path / "adapter", "onnx/fp32", tmp_path / "out", progress=False)
+
+
+@pytest.mark.integration
+def test_cli_export_and_generate(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from cdcda_export.cli import app
+
+    out = tmp_path / "art"
+    cli = CliRunner()
+    res = cli.invoke(app, ["export", "--base", str(tiny_model_dir("tiny")), "--recipe", "onnx/int4",
+                           "--out", str(out), "--set", "max_seq_len=128", "--set", "prefill_len=16", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "wrote: " in res.output and (out / "manifest.json").is_file()
+    assert json.loads((out / "manifest.json").read_text())["io"]["max_seq_len"] == 128
+    res = cli.invoke(app, ["generate", str(out), "--prompt", "Hello there", "--max-new-tokens", "5", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("Hello there") and "decode" in res.output and "tok/s" in res.output

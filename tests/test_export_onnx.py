@@ -1,0 +1,210 @@
+"""ONNX exports of every family: run them with ONNX Runtime (and ORT GenAI) against the eager model.
+
+Artifacts come from the session-cached ``tiny_artifact`` factory (tests/conftest.py), so other
+areas' tests (check, bench) reuse them instead of exporting again.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cdcda_export import runtime
+from cdcda_export.export.manifest import REQUIRED_KEYS, verify
+
+FAMILIES = ("tiny", "tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-phi3")
+PROMPT = [5, 17, 42, 99, 123, 7, 300, 64, 12, 1000]
+LOGIT_TOL = 1e-4
+
+
+def eager_greedy(model_dir, prompt, n):
+    """Reference: the eager HF model, full forward each step (no cache), logits of prompt + each step."""
+    import torch
+
+    from cdcda_export.export.api import load_merged_model
+
+    model = load_merged_model(model_dir)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        prefill = model(input_ids=ids, use_cache=False).logits[0].numpy()
+        steps, toks = [], []
+        logits = prefill[-1]
+        for _ in range(n):
+            tok = int(np.argmax(logits))
+            toks.append(tok)
+            ids = torch.cat([ids, torch.tensor([[tok]])], 1)
+            logits = model(input_ids=ids, use_cache=False).logits[0, -1].numpy()
+            steps.append(logits)
+    return prefill, toks, steps
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_fp32_reproduces_eager_greedy_and_logits(arch, tiny_model_dir, tiny_artifact):
+    art = tiny_artifact(arch, "onnx/fp32")
+    prefill_ref, toks_ref, steps_ref = eager_greedy(tiny_model_dir(arch), PROMPT, 32)
+    r = runtime.load(art, threads=1)
+    prefill = r.prefill(PROMPT)
+    err = float(np.abs(prefill - prefill_ref).max())
+    assert err <= LOGIT_TOL, f"{arch}: prefill max |logit err| {err:.2e} > {LOGIT_TOL}"
+    res = runtime.greedy_generate(r, PROMPT, 32, keep_logits=True)
+    assert res.tokens == toks_ref, f"{arch}: greedy 32 tokens differ from eager (exact match expected)"
+    # keep_logits[i] is the logits the i-th token was chosen from: [prefill last, decode 1, ...]
+    dec_err = max(float(np.abs(a - b).max()) for a, b in zip(res.logits[1:], steps_ref))
+    assert dec_err <= LOGIT_TOL, f"{arch}: decode max |logit err| {dec_err:.2e} > {LOGIT_TOL}"
+    assert r.position == len(PROMPT) + 31
+    # chunked prefill (a prompt longer than the artifact's prefill length continues from a filled cache)
+    r.reset()
+    r.prefill_len = 4
+    chunked = r.prefill(PROMPT)
+    err = float(np.abs(chunked - prefill_ref).max())
+    assert err <= LOGIT_TOL, f"{arch}: chunked prefill max |logit err| {err:.2e} > {LOGIT_TOL}"
+
+
+@pytest.mark.integration
+def test_portable_attention_variant(tiny_model_dir, tiny_artifact):
+    """``onnx.attention: portable`` (plain ONNX ops, no contrib op) gives the same numbers."""
+    art = tiny_artifact("tiny-qwen3", "onnx/fp32", **{"onnx.attention": "portable"})
+    ops = json.loads((art / "manifest.json").read_text())["quantization_applied"]["op_counts"]
+    assert "GroupQueryAttention" not in ops and ops.get("Softmax") == 2
+    assert json.loads((art / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
+    prefill_ref, toks_ref, _ = eager_greedy(tiny_model_dir("tiny-qwen3"), PROMPT, 32)
+    r = runtime.load(art)
+    err = float(np.abs(r.prefill(PROMPT) - prefill_ref).max())
+    assert err <= LOGIT_TOL, f"portable: max |logit err| {err:.2e} > {LOGIT_TOL}"
+    assert runtime.greedy_generate(r, PROMPT, 32).tokens == toks_ref
+
+
+@pytest.mark.integration
+def test_fp32_graph_has_explicit_kv_io(tiny_artifact):
+    import onnx
+
+    art = tiny_artifact("tiny", "onnx/fp32")
+    m = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    ins = [i.name for i in m.graph.input]
+    outs = [o.name for o in m.graph.output]
+    assert ins[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert "past_key_values.0.key" in ins and "past_key_values.1.value" in ins
+    assert outs[0] == "logits" and "present.1.value" in outs
+    past = next(i for i in m.graph.input if i.name == "past_key_values.0.key")
+    dims = [d.dim_param or d.dim_value for d in past.type.tensor_type.shape.dim]
+    assert isinstance(dims[2], str), f"past sequence length must be dynamic, got {dims}"
+    cfg = json.loads((art / "genai_config.json").read_text())
+    assert cfg["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert cfg["search"]["past_present_share_buffer"] is True   # GQA updates one KV buffer in place
+    man = json.loads((art / "manifest.json").read_text())
+    assert man["io"]["share_buffer"] is True
+    assert man["io"]["inputs"]["past_key_values.{i}.key"]["shape"][2] == "max_seq_len"
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_gqa_strategy_eager_matches_hf(share, tiny_model_dir):
+    """The ``ort-gqa`` strategy's torch reference (what gets exported) equals HF eager, both KV modes."""
+    import torch
+
+    from cdcda_export.export.api import load_merged_model
+    from cdcda_export.export.decoder import ExportDecoder
+    from cdcda_export.export.onnx import cache_strategy
+
+    model = load_merged_model(tiny_model_dir("tiny-qwen3"))
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([PROMPT]), use_cache=False).logits[0]
+        dec = ExportDecoder.from_hf(model, max_seq_len=64, cache=cache_strategy("ort-gqa", share),
+                                    fuse_projections=True, norm_div=True)
+        sp = dec.spec
+        n = 64 if share else 0
+        past = [torch.zeros(1, sp.num_kv_heads, n, sp.head_dim) for _ in range(2 * sp.num_layers)]
+        got, pos = [], 0
+        for chunk in (PROMPT[:6], PROMPT[6:8], PROMPT[8:9], PROMPT[9:]):
+            t = len(chunk)
+            out = dec(torch.tensor([chunk]), torch.ones(1, pos + t, dtype=torch.long),
+                      torch.arange(pos, pos + t)[None], *past)
+            got.append(out[0][0])
+            past = list(out[1:])
+            pos += t
+    err = (torch.cat(got) - ref).abs().max().item()
+    assert err <= 1e-5, f"ort-gqa share={share}: max |logit err| {err:.2e} > 1e-5"
+
+
+@pytest.mark.integration
+def test_onnxruntime_genai_runs_the_artifact(tiny_artifact):
+    """ORT GenAI (its own runtime, reading genai_config.json) generates the same greedy tokens."""
+    og = pytest.importorskip("onnxruntime_genai")
+    art = tiny_artifact("tiny-qwen2", "onnx/fp32")
+    model = og.Model(str(art))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + 16, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(PROMPT)
+    while not gen.is_done():
+        gen.generate_next_token()
+    theirs = [int(t) for t in gen.get_sequence(0)][len(PROMPT):]
+    eos = json.loads((art / "manifest.json").read_text())["io"]["eos_token_ids"]
+    ours = runtime.greedy_generate(runtime.load(art), PROMPT, 16, eos_ids=eos).tokens
+    assert theirs and theirs == ours[:len(theirs)], f"ORT GenAI {theirs} vs ours {ours}"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("recipe", ["onnx/int8", "onnx/int4"])
+def test_quantized_artifacts_run_and_really_quantize(recipe, tiny_model_dir, tiny_artifact):
+    art = tiny_artifact("tiny", recipe)
+    m = json.loads((art / "manifest.json").read_text())
+    q = m["quantization_applied"]
+    # every linear is quantized: fused qkv, o, fused gate_up, down per layer (2 layers) + the lm_head;
+    # attention itself is one GroupQueryAttention node per layer, so no float MatMul is left
+    assert q["quantized_matmuls"] == 4 * 2 + 1, q
+    assert q["float_matmuls"] == 0, q
+    assert q["op_counts"].get("GroupQueryAttention") == 2, q
+    if recipe == "onnx/int4":
+        assert q["op_counts"].get("MatMulNBits") == 9 and q["quantized_embeddings"] == 1
+        # tied model: the int4 embedding Gather reads the int4 lm_head's weights (one copy of the table)
+        assert q["embedding_shares_lm_head_int4"] is True
+    prefill_ref, toks_ref, _ = eager_greedy(tiny_model_dir("tiny"), PROMPT, 8)
+    r = runtime.load(art)
+    logits = r.prefill(PROMPT)
+    assert logits.shape == prefill_ref.shape and np.isfinite(logits).all()
+    err = float(np.abs(logits - prefill_ref).max())
+    assert err < 0.5, f"{recipe}: max |logit err| {err:.3f} >= 0.5 on the tiny model"
+    res = runtime.greedy_generate(r, PROMPT, 8)
+    assert len(res.tokens) == 8
+
+
+@pytest.mark.integration
+def test_int4_is_at_most_35_percent_of_fp32(tiny_artifact):
+    """Weight bytes (model.onnx.data) of int4 <= 35% of fp32 (the tiny graph itself is not weights)."""
+    fp32 = (tiny_artifact("tiny", "onnx/fp32") / "model.onnx.data").stat().st_size
+    int4 = (tiny_artifact("tiny", "onnx/int4") / "model.onnx.data").stat().st_size
+    assert int4 / fp32 <= 0.35, f"int4/fp32 weight data = {int4 / fp32:.2f} (> 0.35)"
+
+
+@pytest.mark.integration
+def test_manifest_keys_and_hashes(tiny_artifact):
+    art = tiny_artifact("tiny", "onnx/fp32")
+    m = json.loads((art / "manifest.json").read_text())
+    assert set(REQUIRED_KEYS) <= set(m), set(REQUIRED_KEYS) - set(m)
+    assert m["format"] == "onnx" and m["recipe"]["name"] == "fp32"
+    assert m["recipe"]["resolved"]["quantization"]["scheme"] == "none"
+    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "genai_config.json"} <= set(m["files"])
+    assert m["io"]["kv_cache"]["kind"] == "explicit_io" and m["io"]["max_seq_len"] == 512
+    assert m["versions"]["onnxruntime"] and m["export"]["seconds"] > 0 and m["export"]["peak_rss_mb"] > 0
+    assert verify(art) == []
+    assert m["quantization_applied"]["op_counts"].get("GroupQueryAttention") == 2
+
+
+@pytest.mark.slow
+def test_genai_builder_engine_runs_in_our_runner(tiny_model_dir, tmp_path):
+    """``onnx.engine: genai-builder`` (ORT GenAI's builder on the merged dir): explicit KV I/O + genai_config."""
+    from cdcda_export.export.api import export
+
+    art = export(tiny_model_dir("tiny"), None, "onnx/fp32", tmp_path / "b", progress=False,
+                 overrides=["onnx.engine=genai-builder"])
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["io"]["share_buffer"] is True and (art / "genai_config.json").is_file()
+    assert m["quantization_applied"]["op_counts"].get("GroupQueryAttention") == 2
+    prefill_ref, toks_ref, _ = eager_greedy(tiny_model_dir("tiny"), PROMPT, 16)
+    r = runtime.load(art)
+    err = float(np.abs(r.prefill(PROMPT) - prefill_ref).max())
+    assert err <= 1e-3, f"builder fp32: max |logit err| {err:.2e} > 1e-3"
+    assert runtime.greedy_generate(r, PROMPT, 16).tokens == toks_ref

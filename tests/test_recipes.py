@@ -1,0 +1,117 @@
+"""Recipe schema, registry and messages (unit tests: no export)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cdcda_export.errors import UserError, ValidationErrors
+from cdcda_export.export.recipe import Recipe, load_recipe, recipe_from_dict
+from cdcda_export.export.registry import available_formats, get_exporter, list_recipes, resolve_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_recipe_loads_and_is_listed():
+    entries = list_recipes()
+    keys = {e.key for e in entries}
+    assert {"onnx/fp32", "onnx/int8", "onnx/int4"} <= keys
+    for e in entries:
+        assert isinstance(e.recipe, Recipe)
+        assert e.key == f"{e.recipe.format}/{e.path.stem}", f"{e.path}: folder must be the format"
+        assert e.recipe.name == e.path.stem, f"{e.path}: name must match the file name"
+
+
+def test_onnx_recipes_content():
+    r4, _ = resolve_recipe("onnx/int4")
+    assert (r4.quantization.scheme, r4.quantization.block_size, r4.onnx.accuracy_level) == ("int4", 32, 4)
+    r8, _ = resolve_recipe("onnx-int8")  # "<format>-<name>" alias
+    assert r8.quantization.scheme in ("int8", "int8-dynamic")
+    rf, _ = resolve_recipe("onnx/fp32")
+    assert rf.quantization.scheme == "none" and rf.onnx.opset >= 17
+
+
+def test_bad_recipe_names_key_value_and_allowed(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump({"format": "onnx", "name": "bad", "quantization": {"scheme": "int3"},
+                                 "onnx": {"execution_provider": "tpu"}, "colour": "red"}))
+    with pytest.raises(ValidationErrors) as ei:
+        load_recipe(p)
+    msg = str(ei.value)
+    assert str(p) in msg
+    assert "quantization.scheme: 'int3' is not allowed; allowed: none" in msg
+    assert "onnx.execution_provider: 'tpu' is not allowed; allowed: cpu" in msg
+    assert "colour: unknown key" in msg
+
+
+def test_scheme_must_fit_format():
+    with pytest.raises(ValidationErrors, match=r"'8da4w' is not allowed for format 'onnx'; allowed: none, int8-dynamic"):
+        recipe_from_dict({"format": "onnx", "name": "x", "quantization": {"scheme": "8da4w"}})
+
+
+def test_bad_numbers_are_named():
+    with pytest.raises(ValidationErrors) as ei:
+        recipe_from_dict({"format": "onnx", "name": "x", "max_seq_len": 64, "prefill_len": 128})
+    assert "prefill_len: 128 is not allowed; allowed: 1..max_seq_len (64)" in str(ei.value)
+    with pytest.raises(ValidationErrors, match=r"block_size: 48 is not allowed; allowed: a power of two"):
+        recipe_from_dict({"format": "onnx", "name": "x", "quantization": {"scheme": "int4", "block_size": 48}})
+    with pytest.raises(ValidationErrors, match=r"format: 'tflite' is not allowed; allowed: executorch, onnx, coreml"):
+        recipe_from_dict({"format": "tflite", "name": "x"})
+
+
+def test_overrides_and_file_path(tmp_path):
+    r, src = resolve_recipe("onnx/int4", overrides=["quantization.block_size=64", "max_seq_len=256"])
+    assert (r.quantization.block_size, r.max_seq_len) == (64, 256)
+    assert src.name == "int4.yaml"
+    p = tmp_path / "mine.yaml"
+    p.write_text((REPO / "recipes/onnx/fp32.yaml").read_text())
+    r2, src2 = resolve_recipe(str(p))
+    assert r2.format == "onnx" and src2 == p
+    with pytest.raises(ValidationErrors, match="quantization.block_size: expected an integer, got 'big'"):
+        resolve_recipe("onnx/int4", overrides=["quantization.block_size=big"])
+
+
+def test_unknown_recipe_lists_available():
+    with pytest.raises(UserError) as ei:
+        resolve_recipe("no-such-recipe")
+    msg = str(ei.value)
+    assert "Recipe 'no-such-recipe' not found. Available: [" in msg and "'onnx/int4'" in msg
+    with pytest.raises(UserError, match="recipe file not found"):
+        resolve_recipe("missing.yaml")
+
+
+def test_unknown_format_lists_available():
+    assert "onnx" in available_formats()
+    with pytest.raises(UserError, match=r"Format 'tflite' not available. Available: \[.*'onnx'"):
+        get_exporter("tflite")
+    assert callable(get_exporter("onnx"))
+
+
+def test_recipes_from_env_dir(tmp_path, monkeypatch):
+    d = tmp_path / "extra" / "onnx"
+    d.mkdir(parents=True)
+    (d / "mine-int4.yaml").write_text(yaml.safe_dump({"format": "onnx", "name": "mine-int4",
+                                                      "quantization": {"scheme": "int4", "block_size": 64}}))
+    monkeypatch.setenv("CDCDA_RECIPES", str(tmp_path / "extra"))
+    r, _ = resolve_recipe("mine-int4")
+    assert r.quantization.block_size == 64
+
+
+def test_runs_on_this_host():
+    onnx = recipe_from_dict({"format": "onnx", "name": "x"})
+    coreml = recipe_from_dict({"format": "coreml", "name": "y", "quantization": {"scheme": "fp16"}})
+    assert onnx.runs_on_this_host() is True
+    assert coreml.runs_on_this_host() is (sys.platform == "darwin")
+
+
+def test_cli_recipes_lists_table():
+    from typer.testing import CliRunner
+
+    from cdcda_export.cli import app
+
+    res = CliRunner().invoke(app, ["recipes"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "onnx/int4" in res.output and "int4 b32" in res.output
