@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick test-slow bench install clean
+.PHONY: demo test test-quick test-slow bench fidelity-baselines install clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "$(PY) not found; set PY=python3.x (3.10-3.12)"; exit 1; }
@@ -32,6 +32,10 @@ test-quick: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -q
+
+# Re-record the committed fidelity baselines (tests/fidelity/baselines) after an intended change.
+fidelity-baselines: $(STAMP)
+	CDCDA_REFRESH_BASELINES=1 $(BIN)/python -m pytest tests/fidelity/test_fidelity_regression.py -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/peers.py

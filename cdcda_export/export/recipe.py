@@ -92,13 +92,18 @@ class OnnxOptions:
 
 @dataclass
 class Thresholds:
-    """Fidelity gate against the eager merged model (``cdcda check``)."""
+    """Fidelity gate against the eager merged model (``cdcda check``).
 
-    max_abs_logit_err: float = 1e-3
-    mean_kl: float = 1e-4
-    top1_agreement: float = 0.99
-    greedy_match_rate: float = 0.95
-    ppl_ratio: float = 1.01
+    A key left out (None) takes ``cdcda check``'s default for the recipe's quantization scheme
+    (``cdcda_export/check/thresholds.py``: fp32 strict, 4-bit looser), so a quantized recipe without
+    a ``thresholds`` block is not held to fp32 gates.
+    """
+
+    max_abs_logit_err: float | None = None
+    mean_kl: float | None = None
+    top1_agreement: float | None = None
+    greedy_match_rate: float | None = None
+    ppl_ratio: float | None = None
 
 
 @dataclass
