@@ -1,0 +1,111 @@
+"""ExecuTorch runner for ``format: executorch`` artifacts (``model.pte``).
+
+The program has one method, ``forward(tokens [1, T] int64, input_pos [1] int64) -> logits [1, T, V]``,
+whose KV cache lives in the program's mutable buffers: prefill feeds chunks of up to the artifact's
+``prefill_len`` tokens (``static_seq`` for delegates without dynamic shapes), decode one token, and
+the runner keeps the position. ``reset()`` only rewinds the position: cache rows past it are
+never read (attention is causal from ``input_pos``) and are overwritten as the sequence grows.
+
+Imports only numpy and the ExecuTorch runtime (pybindings, which use torch tensors for I/O) plus
+the kernel libraries the program calls: ``llama::update_cache``/``custom_sdpa`` and the quantized
+embedding kernels. Nothing from the exporters.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .base import RuntimeUnavailable
+
+_THREADS: int | None = None   # ExecuTorch's threadpool size, set once per process
+
+
+def set_threads(n: int) -> int:
+    """Size ExecuTorch's threadpool (XNNPACK uses it, not torch's) once per process; returns the size.
+
+    Resizing it again in the same process hung on executorch 1.5.1, so a later, different request
+    keeps the first size and warns (measure other thread counts in a new process).
+    """
+    global _THREADS
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    if _THREADS is None:
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(n)
+        _THREADS = n
+    elif _THREADS != n:
+        import warnings
+
+        warnings.warn(f"ExecuTorch's threadpool was already sized to {_THREADS} threads in this process "
+                      f"(resizing it mid-process hangs); keeping {_THREADS}, not {n}. Use a new process for "
+                      f"threads={n}.", RuntimeWarning, stacklevel=3)
+    return _THREADS
+
+
+def _load_kernels() -> None:
+    try:
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  llama::update_cache, custom_sdpa
+        import executorch.kernels.quantized  # noqa: F401  quantized embedding kernels
+    except ImportError as e:  # pragma: no cover - depends on the host
+        raise RuntimeUnavailable(f"the ExecuTorch runtime is not installed ({e}); pip install executorch==1.5.1") from e
+
+
+class ExecuTorchRunner:
+    def __init__(self, artifact_dir: Path, manifest: dict, threads: int | None = None):
+        io = manifest["io"]
+        if io.get("backend") == "coreml" and sys.platform != "darwin":
+            raise RuntimeUnavailable(
+                f"{artifact_dir}: this .pte is delegated to Core ML, which runs only on macOS/iOS "
+                f"(this host is {sys.platform}). Run it on a Mac or an Apple device, or export an XNNPACK "
+                "recipe (executorch/xnnpack-8da4w) for this host.")
+        _load_kernels()
+        # The recipe's xnnpack.threads is the default (1: decode is memory-bound and 2 threads
+        # made it slower and erratic on a 2-core VM).
+        threads = threads or ((manifest.get("recipe", {}).get("resolved") or {}).get("xnnpack") or {}).get("threads")
+        self.threads = set_threads(threads) if threads else None   # None: ExecuTorch's default pool
+        import torch
+        from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+        self._torch = torch
+        self.manifest = manifest
+        self.max_seq_len = int(io["max_seq_len"])
+        self.prefill_len = int(io.get("static_seq") or io.get("prefill_len") or 1)
+        path = artifact_dir / io.get("model_file", "model.pte")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; re-export the artifact with `cdcda export ...`")
+        self.module = _load_for_executorch(str(path))
+        self.position = 0
+
+    def reset(self) -> None:
+        self.position = 0
+
+    def _run(self, ids: Sequence[int]) -> np.ndarray:
+        t = len(ids)
+        if self.position + t > self.max_seq_len:
+            raise ValueError(f"{self.position + t} tokens exceed max_seq_len={self.max_seq_len}; call reset()")
+        torch = self._torch
+        tokens = torch.tensor([list(ids)], dtype=torch.long)
+        pos = torch.tensor([self.position], dtype=torch.long)
+        logits = self.module.forward((tokens, pos))[0]
+        self.position += t
+        return logits[0].numpy()
+
+    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        ids = [int(i) for i in token_ids]
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        outs = [self._run(ids[i:i + self.prefill_len]) for i in range(0, len(ids), self.prefill_len)]
+        return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._run([int(token_id)])[-1].astype(np.float32, copy=False)
+
+
+def load(artifact_dir: Path, manifest: dict, threads: int | None = None, **_options) -> ExecuTorchRunner:
+    return ExecuTorchRunner(Path(artifact_dir), manifest, threads=threads)

@@ -1,0 +1,227 @@
+"""ExecuTorch exports: every family through the ExecuTorch runtime against the eager model, plus
+the graph invariants that keep it fast (delegation, partitions, quantization really applied).
+
+Artifacts come from the session-cached ``tiny_artifact`` factory (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cdcda_export import runtime
+from cdcda_export.errors import UserError
+from cdcda_export.export.manifest import REQUIRED_KEYS, verify
+
+FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-phi3")
+PROMPT = [5, 17, 42, 99, 123, 7, 300, 64, 12, 1000]
+LOGIT_TOL = 1e-4
+# Compute ops allowed outside XNNPACK: the embedding gather, the RoPE-table slices for the fed
+# positions (once per call), ExecuTorch's KV-cache/SDPA custom ops and the input_pos read.
+ALLOWED_OUTSIDE = ("aten_embedding", "aten_select_copy_int", "aten_slice_copy_tensor", "aten_unsqueeze_copy",
+                   "auto_functionalized", "llama_custom_sdpa", "quantized_decomposed_embedding",
+                   "torchao_", "aten_view_copy")
+MIN_DELEGATED_FRACTION = 0.85
+
+
+def _manifest(art) -> dict:
+    return json.loads((art / "manifest.json").read_text())
+
+
+def eager_greedy(model_dir, prompt, n):
+    """Reference: the eager HF model, full forward each step (no cache)."""
+    import torch
+
+    from cdcda_export.export.api import load_merged_model
+
+    model = load_merged_model(model_dir)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        prefill = model(input_ids=ids, use_cache=False).logits[0].numpy()
+        steps, toks = [], []
+        logits = prefill[-1]
+        for _ in range(n):
+            tok = int(np.argmax(logits))
+            toks.append(tok)
+            ids = torch.cat([ids, torch.tensor([[tok]])], 1)
+            logits = model(input_ids=ids, use_cache=False).logits[0, -1].numpy()
+            steps.append(logits)
+    return prefill, toks, steps
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_fp32_reproduces_eager_greedy_and_logits(arch, tiny_model_dir, tiny_artifact):
+    art = tiny_artifact(arch, "executorch/xnnpack-fp32")
+    assert verify(art) == []
+    m = _manifest(art)
+    assert all(k in m for k in REQUIRED_KEYS)
+    assert m["format"] == "executorch" and (art / "model.pte").is_file()
+    prefill_ref, toks_ref, steps_ref = eager_greedy(tiny_model_dir(arch), PROMPT, 32)
+    r = runtime.load(art, threads=1)
+    prefill = r.prefill(PROMPT)
+    assert prefill.shape == prefill_ref.shape, "prefill must return logits of every fed position"
+    err = float(np.abs(prefill - prefill_ref).max())
+    assert err <= LOGIT_TOL, f"{arch}: prefill max |logit err| {err:.2e} > {LOGIT_TOL}"
+    res = runtime.greedy_generate(r, PROMPT, 32, keep_logits=True)
+    assert res.tokens == toks_ref, f"{arch}: greedy 32 tokens differ from eager (exact match expected)"
+    dec_err = max(float(np.abs(a - b).max()) for a, b in zip(res.logits[1:], steps_ref))
+    assert dec_err <= LOGIT_TOL, f"{arch}: decode max |logit err| {dec_err:.2e} > {LOGIT_TOL}"
+    assert r.position == len(PROMPT) + 31
+    # chunked prefill: chunks of 3 continue from the filled cache and give the same logits
+    r.reset()
+    r.prefill_len = 3
+    chunked = r.prefill(PROMPT)
+    err = float(np.abs(chunked - prefill_ref).max())
+    assert err <= LOGIT_TOL, f"{arch}: chunked prefill max |logit err| {err:.2e} > {LOGIT_TOL}"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_fp32_graph_stays_in_xnnpack(arch, tiny_artifact, tiny_model_dir):
+    """Graph invariant: about one XNNPACK partition per layer, nothing heavy left outside."""
+    m = _manifest(tiny_artifact(arch, "executorch/xnnpack-fp32"))
+    d = m["export"]["delegation"]
+    layers = m["io"]["num_layers"]
+    assert d["delegated_fraction"] >= MIN_DELEGATED_FRACTION, (
+        f"{arch}: XNNPACK took {d['delegated_fraction']:.3f} of compute nodes (< {MIN_DELEGATED_FRACTION}); "
+        f"outside: {d['non_delegated_ops']}")
+    assert d["partitions"] <= layers + 2, f"{arch}: {d['partitions']} partitions for {layers} layers"
+    stray = {op: n for op, n in d["non_delegated_ops"].items() if not op.startswith(ALLOWED_OUTSIDE)}
+    assert stray == {}, f"{arch}: ops fell out of the delegate: {stray}"
+    # every rotate_half became a delegated linear (q and k per layer)
+    assert d["aten_rewrites"]["rewrite_rotate_half"] == 2 * layers
+
+
+@pytest.mark.integration
+def test_8da4w_quantizes_everything_runs_and_is_smaller(tiny_artifact):
+    fp32 = tiny_artifact("tiny-llama", "executorch/xnnpack-fp32")
+    art = tiny_artifact("tiny-llama", "executorch/xnnpack-8da4w")
+    m = _manifest(art)
+    q = m["quantization_applied"]
+    assert q["linear_config"] == "8da4w" and q["group_size"] == 32
+    assert q["quantized_linears"] == q["linears"] > 0, q       # lm_head included
+    assert q["embedding_config"] is None and q["quantized_embeddings"] == 0   # recipe: embeddings none
+    d = m["export"]["delegation"]
+    assert d["delegated_fraction"] >= MIN_DELEGATED_FRACTION, d
+    stray = {op: n for op, n in d["non_delegated_ops"].items() if not op.startswith(ALLOWED_OUTSIDE)}
+    assert stray == {}, f"ops fell out of the delegate: {stray}"
+    size = (art / "model.pte").stat().st_size
+    size_fp32 = (fp32 / "model.pte").stat().st_size
+    # tiny models are dominated by the (float) embedding table; the 135M shape is measured in
+    # benchmarks/executorch_probe.py
+    assert size < 0.7 * size_fp32, f"8da4w .pte {size} B is not < 70% of fp32 {size_fp32} B"
+    r_q, r_f = runtime.load(art, threads=1), runtime.load(fp32, threads=1)
+    lq, lf = r_q.prefill(PROMPT), r_f.prefill(PROMPT)
+    assert lq.shape == lf.shape and np.isfinite(lq).all()
+    top1 = float((lq.argmax(-1) == lf.argmax(-1)).mean())
+    assert top1 >= 0.5, f"8da4w top-1 agreement with fp32 {top1:.2f} < 0.5"
+    res = runtime.greedy_generate(r_q, PROMPT, 8)
+    assert len(res.tokens) == 8
+
+
+@pytest.mark.integration
+def test_coreml_delegated_pte_exports_and_refuses_to_run_off_apple(tiny_artifact):
+    import sys
+
+    art = tiny_artifact("tiny-llama", "executorch/coreml-fp16")
+    m = _manifest(art)
+    d = m["export"]["delegation"]
+    assert d["partitions_by_backend"] == {"CoreMLBackend": 1}, d
+    assert d["delegated_fraction"] == 1.0, d
+    assert m["io"]["backend"] == "coreml" and m["io"]["static_seq"] == 1
+    if sys.platform != "darwin":
+        with pytest.raises(runtime.RuntimeUnavailable, match="macOS"):
+            runtime.load(art)
+
+
+def test_recipes_load_and_say_where_they_run():
+    import sys
+
+    from cdcda_export.export.registry import resolve_recipe
+
+    for name in ("xnnpack-fp32", "xnnpack-8da4w", "xnnpack-8da8w"):
+        rec, _ = resolve_recipe(f"executorch/{name}")
+        assert rec.format == "executorch" and rec.runs_on_this_host()
+    rec, _ = resolve_recipe("executorch/xnnpack-8da4w")
+    assert (rec.quantization.scheme, rec.quantization.group_size, rec.quantization.embeddings) == ("8da4w", 32, "none")
+    cm, _ = resolve_recipe("executorch/coreml-fp16")
+    assert cm.coreml.delegate and cm.runs_on_this_host() == (sys.platform == "darwin")
+
+
+def test_group_size_that_does_not_divide_fails_loudly():
+    from cdcda_export.export.executorch import _check_group_size
+
+    shapes = {"layers.0.self_attn.q_proj": (576, 576), "layers.0.mlp.down_proj": (576, 1536)}
+    _check_group_size(shapes, 32, "linear")   # 32 divides 576 and 1536
+    with pytest.raises(UserError, match="group size 128 does not divide") as e:
+        _check_group_size(shapes, 128, "linear")
+    assert "quantization.group_size" in str(e.value) and "64" in str(e.value)
+
+
+@pytest.mark.integration
+def test_rotate_half_rewrite_is_exact_and_removes_dynamic_slices():
+    """Workaround for XNNPACK's no-dynamic-slice rule (see et_ops.rewrite_rotate_half)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cdcda_export.export.decoder import ExportDecoder
+    from cdcda_export.export.et_ops import CustomOpsKVCache, rewrite_rotate_half
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128)
+    hf = LlamaForCausalLM(cfg).eval()
+    dec = ExportDecoder.from_hf(hf, max_seq_len=32, cache=CustomOpsKVCache(), delegate_friendly_norm=True)
+    with torch.no_grad():
+        ep = torch.export.export(dec, dec.cache.example_inputs(dec, 2), dynamic_shapes=dec.cache.dynamic_shapes(16),
+                                 strict=True).run_decompositions({})
+
+    def slices():
+        return sum(n.target == torch.ops.aten.slice.Tensor for n in ep.graph_module.graph.nodes)
+
+    before = slices()
+    assert rewrite_rotate_half(ep) == 2 * cfg.num_hidden_layers
+    assert before - slices() == 4 * cfg.num_hidden_layers   # two slices per rotate_half, q and k
+    ids = torch.tensor([[3, 9, 27, 81, 5]])
+    with torch.no_grad():
+        got = ep.module()(ids, torch.tensor([0]))
+        ref = hf(input_ids=ids, use_cache=False).logits
+    err = float((got - ref).abs().max())
+    assert err <= 1e-5, f"rewritten graph differs from eager by {err:.2e} (> 1e-5)"
+
+
+@pytest.mark.integration
+def test_symbolic_view_pass_lets_xnnpack_take_dynamic_reshapes():
+    """Workaround for XNNPACK's ViewCopyConfig rejecting symbolic reshapes (see et_ops)."""
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    from cdcda_export.export.et_ops import SymbolicViewToInferred
+
+    class M(torch.nn.Module):
+        def forward(self, x):                      # [1, T, 8] -> heads -> back, with float ops between
+            t = x.shape[1]
+            y = (x * 2.0).view(1, t, 2, 4)
+            return (y + 1.0).view(1, t, 8) * 3.0
+
+    x = torch.randn(1, 5, 8)
+    ep = torch.export.export(M(), (x,), dynamic_shapes=({1: torch.export.Dim("T", min=1, max=16)},), strict=True)
+
+    def partitions(passes):
+        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], transform_passes=passes,
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        gm = edge.exported_program().graph_module
+        views_outside = sum("view_copy" in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return sum(n.name.startswith("lowered_module_") for n in gm.graph.nodes), views_outside, edge
+
+    n_plain, outside_plain, _ = partitions([])
+    n_fixed, outside_fixed, edge = partitions([SymbolicViewToInferred()])
+    # Upstream still splits at symbolic reshapes; if this fails, upstream fixed it: drop the pass.
+    assert outside_plain == 2 and n_plain == 3
+    assert outside_fixed == 0 and n_fixed == 1
+    out = edge.exported_program().module()(x)
+    assert torch.allclose(out, M()(x), atol=1e-6)
