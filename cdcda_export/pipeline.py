@@ -71,7 +71,7 @@ def demo_config(quick: bool = False) -> PipelineConfig:
         base_arch="tiny",
         augment=AugmentSettings(per_user=4 if quick else 8),
         train=TrainSettings(epochs=5, lr=2e-3, max_steps=20 if quick else -1),
-        recipes=["xnnpack-fp32", "onnx-int4"] if quick else ["xnnpack-fp32", "xnnpack-8da4w", "onnx-fp32", "onnx-int4"],
+        recipes=["xnnpack-fp32", "onnx-int4"] if quick else ["xnnpack-fp32", "xnnpack-8da4w", "onnx-int4"],
         bench_runs=2 if quick else 3,
     )
 

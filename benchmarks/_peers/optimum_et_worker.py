@@ -1,0 +1,51 @@
+"""optimum-executorch's .pte (XNNPACK, custom SDPA + custom KV cache) run with the ExecuTorch
+pybindings, the way ``ExecuTorchModelForCausalLM.generate`` drives it: ``forward(input_ids,
+cache_position)``, one parallel prefill call, then one call per token. Runs in optimum's own venv.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from observer import emit, now_ms, parser, read_prompt  # noqa: E402
+
+
+def main() -> int:
+    args = parser(__doc__).parse_args()
+    import torch
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch, _unsafe_reset_threadpool
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (custom_sdpa / update_cache kernels)
+    from executorch.kernels import quantized  # noqa: F401
+
+    ids = read_prompt(args.prompt_file)
+    if args.threads:
+        _unsafe_reset_threadpool(args.threads)     # XNNPACK uses ExecuTorch's threadpool; once per process
+    pte = args.model if args.model.endswith(".pte") else os.path.join(args.model, "model.pte")
+    load0 = now_ms()
+    m = _load_for_executorch(pte)
+    m.load_method("forward") if hasattr(m, "load_method") else None
+    load1 = now_ms()
+
+    def fwd(tokens: list[int], pos0: int) -> int:
+        logits = m.forward((torch.tensor([tokens], dtype=torch.long),
+                            torch.arange(pos0, pos0 + len(tokens), dtype=torch.long)))[0]
+        last = logits[0, -1] if logits.dim() == 3 else logits[-1] if logits.dim() == 2 else logits
+        return int(torch.argmax(last).item())
+
+    inf0 = now_ms()
+    tok = fwd(ids, 0)
+    first = now_ms()
+    out = [tok]
+    while len(out) < args.gen_len:
+        tok = fwd([tok], len(ids) + len(out) - 1)
+        out.append(tok)
+    inf1 = now_ms()
+    emit(prompt_len=len(ids), tokens=out, load0=load0, load1=load1, inf0=inf0, first=first, inf1=inf1,
+         runtime={"torch": torch.__version__, "threads": args.threads or None})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
