@@ -23,14 +23,7 @@ app = typer.Typer(
 )
 
 # Each module adds its commands to `app` on import.
-from . import core  # noqa: E402,F401  init-model, data, train, merge, eval, demo, pipeline
-
-for _optional in ("export", "check", "augment", "bench"):
-    try:
-        __import__(f"{__name__}.{_optional}")
-    except ModuleNotFoundError as _e:  # module not written yet in this checkout
-        if _e.name != f"{__name__}.{_optional}":
-            raise
+from . import augment, bench, check, core, export  # noqa: E402,F401
 
 
 def main() -> None:
