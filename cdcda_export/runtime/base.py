@@ -46,6 +46,16 @@ class Runner(Protocol):
     def decode(self, token_id: int) -> np.ndarray: ...               # [vocab] float32
 
 
+def chunked_prefill(run: Callable[[list[int]], np.ndarray], token_ids: Sequence[int], prefill_len: int) -> np.ndarray:
+    """Feed ``token_ids`` in chunks of at most ``prefill_len`` through ``run`` (one model call each);
+    return the float32 logits of every fed position, [T, vocab]. Shared by every format's runner."""
+    ids = [int(i) for i in token_ids]
+    if not ids:
+        raise ValueError("prefill needs at least one token")
+    chunks = [run(ids[i:i + prefill_len]) for i in range(0, len(ids), prefill_len)]
+    return np.concatenate(chunks, axis=0).astype(np.float32, copy=False)
+
+
 def read_manifest(artifact_dir: str | Path) -> dict:
     p = Path(artifact_dir) / "manifest.json"
     if not p.is_file():

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import RuntimeUnavailable
+from .base import RuntimeUnavailable, chunked_prefill
 
 _COMPUTE_UNITS = {"all": "ALL", "cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU", "cpu_and_ne": "CPU_AND_NE"}
 
@@ -78,11 +78,7 @@ class CoreMLRunner:
         return np.asarray(out["logits"], dtype=np.float32).reshape(t, -1)
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
-        ids = [int(i) for i in token_ids]
-        if not ids:
-            raise ValueError("prefill needs at least one token")
-        chunks = [self._run(ids[i:i + self.prefill_len]) for i in range(0, len(ids), self.prefill_len)]
-        return np.concatenate(chunks, axis=0)
+        return chunked_prefill(self._run, token_ids, self.prefill_len)
 
     def decode(self, token_id: int) -> np.ndarray:
         return self._run([int(token_id)])[-1]

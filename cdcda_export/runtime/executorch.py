@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import RuntimeUnavailable
+from .base import RuntimeUnavailable, chunked_prefill
 
 _THREADS: int | None = None   # ExecuTorch's threadpool size, set once per process
 
@@ -97,11 +97,7 @@ class ExecuTorchRunner:
         return logits[0].numpy()
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
-        ids = [int(i) for i in token_ids]
-        if not ids:
-            raise ValueError("prefill needs at least one token")
-        outs = [self._run(ids[i:i + self.prefill_len]) for i in range(0, len(ids), self.prefill_len)]
-        return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
+        return chunked_prefill(self._run, token_ids, self.prefill_len)
 
     def decode(self, token_id: int) -> np.ndarray:
         return self._run([int(token_id)])[-1].astype(np.float32, copy=False)

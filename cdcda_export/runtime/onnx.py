@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import RuntimeUnavailable
+from .base import RuntimeUnavailable, chunked_prefill
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
        "tensor(int32)": np.int32}
@@ -97,11 +97,7 @@ class OnnxRunner:
         return np.asarray(b.get_outputs()[0].numpy()[0], dtype=np.float32)
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
-        ids = [int(i) for i in token_ids]
-        if not ids:
-            raise ValueError("prefill needs at least one token")
-        chunks = [self._run(ids[i:i + self.prefill_len]) for i in range(0, len(ids), self.prefill_len)]
-        return np.concatenate(chunks, axis=0)
+        return chunked_prefill(self._run, token_ids, self.prefill_len)
 
     def decode(self, token_id: int) -> np.ndarray:
         return self._run([int(token_id)])[-1]
