@@ -91,8 +91,9 @@ def test_fp32_graph_stays_in_xnnpack(arch, tiny_artifact, tiny_model_dir):
     assert d["partitions"] <= layers + 2, f"{arch}: {d['partitions']} partitions for {layers} layers"
     stray = {op: n for op, n in d["non_delegated_ops"].items() if not op.startswith(ALLOWED_OUTSIDE)}
     assert stray == {}, f"{arch}: ops fell out of the delegate: {stray}"
-    # every rotate_half became a delegated linear (q and k per layer)
-    assert d["aten_rewrites"]["rewrite_rotate_half"] == 2 * layers
+    # rotate_half is a delegated matmul (rope_as_matmul): the only slices left outside are the two
+    # RoPE table rows (cos, sin) taken once per forward, not four per layer
+    assert d["non_delegated_ops"].get("aten_slice_copy_tensor", 0) <= 2, d["non_delegated_ops"]
 
 
 @pytest.mark.integration
@@ -103,16 +104,16 @@ def test_8da4w_quantizes_everything_runs_and_is_smaller(tiny_artifact):
     q = m["quantization_applied"]
     assert q["linear_config"] == "8da4w" and q["group_size"] == 32
     assert q["quantized_linears"] == q["linears"] > 0, q       # lm_head included
-    assert q["embedding_config"] is None and q["quantized_embeddings"] == 0   # recipe: embeddings none
+    assert q["embedding_config"] == "4w" and q["quantized_embeddings"] == 1   # recipe: embeddings int4
+    assert "quantized_decomposed::embedding_*" in m["io"]["runtime_ops"]
     d = m["export"]["delegation"]
     assert d["delegated_fraction"] >= MIN_DELEGATED_FRACTION, d
     stray = {op: n for op, n in d["non_delegated_ops"].items() if not op.startswith(ALLOWED_OUTSIDE)}
     assert stray == {}, f"ops fell out of the delegate: {stray}"
     size = (art / "model.pte").stat().st_size
     size_fp32 = (fp32 / "model.pte").stat().st_size
-    # tiny models are dominated by the (float) embedding table; the 135M shape is measured in
-    # benchmarks/executorch_probe.py
-    assert size < 0.7 * size_fp32, f"8da4w .pte {size} B is not < 70% of fp32 {size_fp32} B"
+    # weights and the table are 4-bit (+ a scale per 32): well under a quarter of fp32
+    assert size < 0.3 * size_fp32, f"8da4w .pte {size} B is not < 30% of fp32 {size_fp32} B"
     r_q, r_f = runtime.load(art, threads=1), runtime.load(fp32, threads=1)
     lq, lf = r_q.prefill(PROMPT), r_f.prefill(PROMPT)
     assert lq.shape == lf.shape and np.isfinite(lq).all()
@@ -146,7 +147,7 @@ def test_recipes_load_and_say_where_they_run():
         rec, _ = resolve_recipe(f"executorch/{name}")
         assert rec.format == "executorch" and rec.runs_on_this_host()
     rec, _ = resolve_recipe("executorch/xnnpack-8da4w")
-    assert (rec.quantization.scheme, rec.quantization.group_size, rec.quantization.embeddings) == ("8da4w", 32, "none")
+    assert (rec.quantization.scheme, rec.quantization.group_size, rec.quantization.embeddings) == ("8da4w", 32, "int4")
     cm, _ = resolve_recipe("executorch/coreml-fp16")
     assert cm.coreml.delegate and cm.runs_on_this_host() == (sys.platform == "darwin")
 
@@ -162,35 +163,37 @@ def test_group_size_that_does_not_divide_fails_loudly():
 
 
 @pytest.mark.integration
-def test_rotate_half_rewrite_is_exact_and_removes_dynamic_slices():
-    """Workaround for XNNPACK's no-dynamic-slice rule (see et_ops.rewrite_rotate_half)."""
+def test_rope_as_matmul_is_exact_and_removes_dynamic_slices():
+    """Workaround for XNNPACK's no-dynamic-slice rule: rotate_half as linear(x, W) (decoder.rope_as_matmul)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from cdcda_export.export.decoder import ExportDecoder
-    from cdcda_export.export.et_ops import CustomOpsKVCache, rewrite_rotate_half
+    from cdcda_export.export.et_ops import CustomOpsKVCache
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=128)
     hf = LlamaForCausalLM(cfg).eval()
-    dec = ExportDecoder.from_hf(hf, max_seq_len=32, cache=CustomOpsKVCache(), delegate_friendly_norm=True)
-    with torch.no_grad():
-        ep = torch.export.export(dec, dec.cache.example_inputs(dec, 2), dynamic_shapes=dec.cache.dynamic_shapes(16),
-                                 strict=True).run_decompositions({})
 
-    def slices():
+    def exported(rope_as_matmul):
+        dec = ExportDecoder.from_hf(hf, max_seq_len=32, cache=CustomOpsKVCache(), delegate_friendly_norm=True,
+                                    rope_as_matmul=rope_as_matmul)
+        with torch.no_grad():
+            return torch.export.export(dec, dec.cache.example_inputs(dec, 2),
+                                       dynamic_shapes=dec.cache.dynamic_shapes(16), strict=True)
+
+    def slices(ep):
         return sum(n.target == torch.ops.aten.slice.Tensor for n in ep.graph_module.graph.nodes)
 
-    before = slices()
-    assert rewrite_rotate_half(ep) == 2 * cfg.num_hidden_layers
-    assert before - slices() == 4 * cfg.num_hidden_layers   # two slices per rotate_half, q and k
+    plain, mm = exported(False), exported(True)
+    assert slices(plain) - slices(mm) == 4 * cfg.num_hidden_layers   # two slices per rotate_half, q and k
     ids = torch.tensor([[3, 9, 27, 81, 5]])
     with torch.no_grad():
-        got = ep.module()(ids, torch.tensor([0]))
+        got = mm.module()(ids, torch.tensor([0]))
         ref = hf(input_ids=ids, use_cache=False).logits
     err = float((got - ref).abs().max())
-    assert err <= 1e-5, f"rewritten graph differs from eager by {err:.2e} (> 1e-5)"
+    assert err <= 1e-5, f"rope_as_matmul graph differs from eager by {err:.2e} (> 1e-5)"
 
 
 @pytest.mark.integration

@@ -128,11 +128,26 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, head_dim: int) -> torch.Tensor:
+def rotate_half_matrix(dim: int) -> torch.Tensor:
+    """W with ``linear(x, W) == rotate_half(x) == cat(-x[..., h:], x[..., :h])`` for ``x[..., dim]``."""
+    h = dim // 2
+    w = torch.zeros(dim, dim)
+    idx = torch.arange(h)
+    w[idx, idx + h] = -1.0
+    w[idx + h, idx] = 1.0
+    return w
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, head_dim: int,
+               rot_w: torch.Tensor | None = None) -> torch.Tensor:
+    """RoPE; with ``rot_w`` (:func:`rotate_half_matrix`) rotate_half is ``linear(x, rot_w)`` (exact: W holds 0/+-1)."""
+    def rot(t):
+        return nn.functional.linear(t, rot_w) if rot_w is not None else rotate_half(t)
+
     if rotary_dim == head_dim:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + rot(x) * sin
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]  # Phi-3 partial rotary
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+    return torch.cat((x_rot * cos + rot(x_rot) * sin, x_pass), dim=-1)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -447,6 +462,7 @@ class ExportDecoder(nn.Module):
         self.lm_head = lm_head
         self.register_buffer("rope_cos", rope_cos, persistent=False)  # [max_seq_len, rotary_dim]
         self.register_buffer("rope_sin", rope_sin, persistent=False)
+        self.register_buffer("rotate_half_w", None, persistent=False)   # set by from_hf(rope_as_matmul=True)
         self.cache = cache
         cache.setup(self)
 
@@ -462,14 +478,17 @@ class ExportDecoder(nn.Module):
     @classmethod
     def from_hf(cls, model, *, max_seq_len: int, cache: str | CacheStrategy = "io",
                 delegate_friendly_norm: bool = False, untie_lm_head: bool = False,
-                fuse_projections: bool = False, norm_div: bool = False) -> "ExportDecoder":
+                fuse_projections: bool = False, norm_div: bool = False,
+                rope_as_matmul: bool = False) -> "ExportDecoder":
         """Build from a loaded HF ``*ForCausalLM`` (float32, adapters merged), reusing its weights.
 
         ``untie_lm_head``: give a tied lm_head its own weight copy, so exporters see it as a constant
         matrix (ONNX quantizers skip a MatMul whose weight is a transposed Gather table).
         ``fuse_projections``: one qkv and one gate_up matmul per layer (Phi-3's own fused weights are
         reused; other families are concatenated once). ``norm_div``: RMSNorm as ``x / sqrt(var + eps)``,
-        the form ONNX Runtime fuses. Both give the same numbers to ~1e-7.
+        the form ONNX Runtime fuses. Both give the same numbers to ~1e-7. ``rope_as_matmul``: RoPE's
+        rotate_half as ``linear(x, W)`` with a constant 0/+-1 matrix (exact): no slices on the dynamic
+        sequence axis, which XNNPACK cannot take (see ``export/et_ops.py``).
         """
         cfg = model.config
         family = _family(cfg)
@@ -549,6 +568,8 @@ class ExportDecoder(nn.Module):
             layers.append(Layer(Attention(q, k, v, a.o_proj, qn, kn, qkv, split), mlp,
                                 norm(hl.input_layernorm), norm(hl.post_attention_layernorm)))
         dec = cls(spec, embed, layers, norm(base.norm), lm_head, cos, sin, get_cache_strategy(cache))
+        if rope_as_matmul:
+            dec.rotate_half_w = rotate_half_matrix(rotary_dim)
         dec.eval()
         for p in dec.parameters():
             p.requires_grad_(False)
@@ -576,8 +597,8 @@ class ExportDecoder(nn.Module):
             if not bthd:
                 q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if not self.cache.applies_rope:
-                q = apply_rope(q, cos, sin, sp.rotary_dim, sp.head_dim)
-                k = apply_rope(k, cos, sin, sp.rotary_dim, sp.head_dim)
+                q = apply_rope(q, cos, sin, sp.rotary_dim, sp.head_dim, self.rotate_half_w)
+                k = apply_rope(k, cos, sin, sp.rotary_dim, sp.head_dim, self.rotate_half_w)
             attn = self.cache.attend(i, q, k, v, ctx)
             h = h + a.o_proj(attn)
             h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -7,8 +7,8 @@
   forward takes ``(tokens [1, T] int64, input_pos [1] int64)`` with T dynamic (1 .. prefill_len),
   so one method does prefill (T > 1) and decode (T = 1), and returns the logits of every fed
   position.
-* :class:`SymbolicViewToInferred` and :func:`rewrite_rotate_half` keep XNNPACK partitions whole
-  with a dynamic sequence length (see each).
+* :class:`SymbolicViewToInferred` keeps XNNPACK partitions whole with a dynamic sequence length
+  (RoPE's rotate_half, the other dynamic-shape trap, is a matmul in the decoder: ``rope_as_matmul``).
 
 Import needs torch and executorch; the exporter imports this module inside its function.
 """
@@ -19,16 +19,6 @@ import torch
 from executorch.exir.pass_base import ExportPass, PassResult
 
 from .decoder import AttnContext, CacheStrategy
-
-
-def rotate_half_matrix(dim: int) -> torch.Tensor:
-    """W with ``linear(x, W) == rotate_half(x) == cat(-x[..., h:], x[..., :h])`` for ``x[..., dim]``."""
-    h = dim // 2
-    w = torch.zeros(dim, dim)
-    idx = torch.arange(h)
-    w[idx, idx + h] = -1.0
-    w[idx + h, idx] = 1.0
-    return w
 
 
 def load_custom_ops() -> None:
@@ -179,67 +169,3 @@ class SymbolicViewToInferred(ExportPass):
             gm.graph.eliminate_dead_code()
             gm.recompile()
         return PassResult(gm, changed)
-
-
-def rewrite_rotate_half(ep) -> int:
-    """Replace ``cat(-x[..., h:], x[..., :h])`` (RoPE's rotate_half) by ``linear(x, W)`` in place.
-
-    Upstream limitation (executorch 1.5.1, ``SliceCopyConfig`` in backends/xnnpack/partition/config/
-    generic_node_configs.py): XNNPACK takes no slice whose input or output has a dynamic size, so with
-    a dynamic sequence length each rotate_half left four slices outside the delegate and cut every
-    layer into three partitions. ``W`` (:func:`rotate_half_matrix`, added as a parameter) makes
-    it one small float matmul that XNNPACK runs inside the layer's partition; the result is exact
-    (W holds only 0 and +-1). Runs on the ATen program, before ``to_edge``. Returns the number of
-    rewrites.
-    """
-    from executorch.backends.transforms.utils import create_constant_placeholder
-    from torch.export.graph_signature import InputKind
-
-    aten = torch.ops.aten
-    gm = ep.graph_module
-    first_input = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    weights: dict[int, torch.fx.Node] = {}
-
-    def weight_for(d: int) -> torch.fx.Node:
-        if d not in weights:
-            with gm.graph.inserting_before(first_input):
-                weights[d] = create_constant_placeholder(ep, gm.graph, f"rotate_half_w{d}",
-                                                         InputKind.PARAMETER, rotate_half_matrix(d))
-        return weights[d]
-
-    def last_dim_slice(n, src):
-        """(start, end) when ``n`` slices ``src`` on its last dimension, else None."""
-        if not (isinstance(n, torch.fx.Node) and n.target == aten.slice.Tensor and n.args[0] is src):
-            return None
-        val = src.meta["val"]
-        if (n.args[1] if len(n.args) > 1 else 0) not in (-1, val.dim() - 1):
-            return None
-        d = val.shape[-1]
-        return (n.args[2] if len(n.args) > 2 else 0), min(n.args[3] if len(n.args) > 3 else d, d)
-
-    count = 0
-    for node in list(gm.graph.nodes):
-        if node.target != aten.cat.default or len(node.args[0]) != 2:
-            continue
-        neg, second = node.args[0]
-        rank = node.meta["val"].dim()
-        if (node.args[1] if len(node.args) > 1 else 0) not in (-1, rank - 1):
-            continue
-        if not (isinstance(neg, torch.fx.Node) and neg.target == aten.neg.default):
-            continue
-        first = neg.args[0]
-        if not isinstance(first, torch.fx.Node) or first.target != aten.slice.Tensor:
-            continue
-        src = first.args[0]
-        d = src.meta["val"].shape[-1]
-        if not isinstance(d, int) or d % 2 or last_dim_slice(first, src) != (d // 2, d) or last_dim_slice(second, src) != (0, d // 2):
-            continue
-        with gm.graph.inserting_before(node):
-            lin = gm.graph.call_function(aten.linear.default, (src, weight_for(d)))
-        lin.meta = dict(node.meta)
-        node.replace_all_uses_with(lin)
-        count += 1
-    if count:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-    return count

@@ -148,16 +148,17 @@ def _backend_config():
 
 
 def _xnnpack_partitioners(quantized: bool, extended_ops: bool) -> list:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-        XnnpackDynamicallyQuantizedPartitioner,
-        XnnpackPartitioner,
-    )
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-    # Order matters (as in ExecuTorch's export_llama): dynamically quantized linears first.
-    parts = [XnnpackDynamicallyQuantizedPartitioner()] if quantized else []
-    if extended_ops or not quantized:
-        parts.append(XnnpackPartitioner())
-    return parts
+    # One partitioner for every precision (its default): ExecuTorch's export_llama passes a dynamically
+    # quantized one and then a float one, but to_edge_transform_and_lower re-traces the whole program
+    # twice per partitioner (executorch 1.5.1, exir/program/_program.py, the EDGE_DO_NOT_DECOMP path),
+    # and XNNPACK preprocesses every partition with its ~15 passes. One partitioner halves the traces
+    # and gives fewer, larger partitions; same kernels.
+    if quantized and not extended_ops:
+        return [XnnpackPartitioner(config_precisions=ConfigPrecisionType.DYNAMIC_QUANT)]
+    return [XnnpackPartitioner()]
 
 
 def _coreml_partitioners(recipe) -> list:
@@ -176,8 +177,8 @@ def _coreml_partitioners(recipe) -> list:
     return [CoreMLPartitioner(compile_specs=specs, take_over_mutable_buffer=True)]
 
 
-def lower(dec, example_inputs, dynamic_shapes, partitioners, transform_passes=(), aten_rewrites=()):
-    """torch.export (strict) -> ATen rewrites -> edge + delegate -> ExecuTorch program.
+def lower(dec, example_inputs, dynamic_shapes, partitioners, transform_passes=()):
+    """torch.export (strict) -> edge + delegate -> ExecuTorch program.
 
     Returns (program, delegation facts, timings).
     """
@@ -187,8 +188,6 @@ def lower(dec, example_inputs, dynamic_shapes, partitioners, transform_passes=()
     t0 = time.perf_counter()
     with torch.no_grad():
         ep = torch.export.export(dec, example_inputs, dynamic_shapes=dynamic_shapes, strict=True)
-        ep = ep.run_decompositions({})   # functionalize, unwrap torchao tensor subclasses
-    rewrites = {fn.__name__: fn(ep) for fn in aten_rewrites}
     t1 = time.perf_counter()
     edge = to_edge_transform_and_lower(ep, partitioner=partitioners, transform_passes=list(transform_passes),
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False))
@@ -196,7 +195,6 @@ def lower(dec, example_inputs, dynamic_shapes, partitioners, transform_passes=()
     facts = delegation_facts(edge.exported_program())
     program = edge.to_executorch(_backend_config())
     t3 = time.perf_counter()
-    facts["aten_rewrites"] = rewrites
     return program, facts, {"torch_export_s": round(t1 - t0, 2), "lower_s": round(t2 - t1, 2),
                             "to_executorch_s": round(t3 - t2, 2)}
 
@@ -214,7 +212,7 @@ def _unsupported(recipe) -> None:
 @register_exporter("executorch")
 def export_executorch(job) -> dict:
     """Write ``model.pte`` into ``job.out_dir``; return the manifest facts (io, quantization, delegation)."""
-    from .et_ops import CustomOpsKVCache, SymbolicViewToInferred, load_custom_ops, rewrite_rotate_half
+    from .et_ops import CustomOpsKVCache, SymbolicViewToInferred, load_custom_ops
 
     rec = job.recipe
     coreml = rec.coreml is not None and rec.coreml.delegate
@@ -227,8 +225,17 @@ def export_executorch(job) -> dict:
     job.progress("building the decoder (ExecuTorch custom SDPA + KV cache)")
     # A tied lm_head gets its own weight when quantizing: the table (gather) and the head (matmul)
     # take different quantization schemes.
-    dec = job.decoder(CustomOpsKVCache(), delegate_friendly_norm=True, untie_lm_head=quantized)
+    # rope_as_matmul: XNNPACK takes no slice of a dynamic-length tensor, so rotate_half's slices would
+    # leave four ops per layer outside the delegate and split every layer in three partitions.
+    dec = job.decoder(CustomOpsKVCache(), delegate_friendly_norm=True, untie_lm_head=quantized,
+                      rope_as_matmul=True)
     cache = dec.cache
+    # HF's nn.Embedding(padding_idx=pad) exports as embedding(w, ids, pad); ExecuTorch's quant fusion
+    # (exir/passes/_quant_patterns_and_replacements.py, executorch 1.5.1) matches only
+    # embedding(dequantize_affine(...), ids), so a quantized table stayed a torchao::dequantize_affine
+    # with no kernel ("Missing out variants"). padding_idx only masks gradients: dropping it changes
+    # no output.
+    dec.embed_tokens.padding_idx = None
     t0 = time.perf_counter()
     job.progress(f"quantizing ({q.scheme})" if quantized else "float32 (no quantization)")
     applied = quantize(dec, rec)
@@ -237,8 +244,7 @@ def export_executorch(job) -> dict:
     partitioners = _xnnpack_partitioners(quantized, rec.xnnpack.extended_ops)
     program, facts, timings = lower(dec, cache.example_inputs(dec, min(2, rec.prefill_len)),
                                     cache.dynamic_shapes(rec.prefill_len), partitioners,
-                                    transform_passes=[SymbolicViewToInferred()],
-                                    aten_rewrites=[rewrite_rotate_half])
+                                    transform_passes=[SymbolicViewToInferred()])
     with open(job.out_dir / MODEL_FILE, "wb") as f:
         program.write_to_file(f)
     io = {"methods": ["forward"], "model_file": MODEL_FILE, "prefill_logits": "all",
