@@ -488,7 +488,7 @@ class ExportDecoder(nn.Module):
         reused; other families are concatenated once). ``norm_div``: RMSNorm as ``x / sqrt(var + eps)``,
         the form ONNX Runtime fuses. Both give the same numbers to ~1e-7. ``rope_as_matmul``: RoPE's
         rotate_half as ``linear(x, W)`` with a constant 0/+-1 matrix (exact): no slices on the dynamic
-        sequence axis, which XNNPACK cannot take (see ``export/et_ops.py``).
+        sequence axis, which XNNPACK cannot take (see ``export_executorch`` in ``export/executorch.py``).
         """
         cfg = model.config
         family = _family(cfg)

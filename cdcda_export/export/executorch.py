@@ -225,8 +225,9 @@ def export_executorch(job) -> dict:
     job.progress("building the decoder (ExecuTorch custom SDPA + KV cache)")
     # A tied lm_head gets its own weight when quantizing: the table (gather) and the head (matmul)
     # take different quantization schemes.
-    # rope_as_matmul: XNNPACK takes no slice of a dynamic-length tensor, so rotate_half's slices would
-    # leave four ops per layer outside the delegate and split every layer in three partitions.
+    # rope_as_matmul: XNNPACK takes no slice of a dynamic-length tensor (executorch 1.5.1, SliceCopyConfig in
+    # backends/xnnpack/partition/config/generic_node_configs.py), so rotate_half's slices would leave four
+    # ops per layer outside the delegate and split every layer in three partitions.
     dec = job.decoder(CustomOpsKVCache(), delegate_friendly_norm=True, untie_lm_head=quantized,
                       rope_as_matmul=True)
     cache = dec.cache
