@@ -19,7 +19,8 @@ FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-phi3")
 PROMPT = [5, 17, 42, 99, 123, 7, 300, 64, 12, 1000]
 LOGIT_TOL = 1e-4
 # Compute ops allowed outside XNNPACK: the embedding gather, the RoPE-table slices for the fed
-# positions (once per call), ExecuTorch's KV-cache/SDPA custom ops and the input_pos read.
+# positions (once per call) and the last position's slice (prefill_logits: last), ExecuTorch's
+# KV-cache/SDPA custom ops and the input_pos read.
 ALLOWED_OUTSIDE = ("aten_embedding", "aten_select_copy_int", "aten_slice_copy_tensor", "aten_unsqueeze_copy",
                    "auto_functionalized", "llama_custom_sdpa", "quantized_decomposed_embedding",
                    "torchao_", "aten_view_copy")
@@ -70,12 +71,32 @@ def test_fp32_reproduces_eager_greedy_and_logits(arch, tiny_model_dir, tiny_arti
     dec_err = max(float(np.abs(a - b).max()) for a, b in zip(res.logits[1:], steps_ref))
     assert dec_err <= LOGIT_TOL, f"{arch}: decode max |logit err| {dec_err:.2e} > {LOGIT_TOL}"
     assert r.position == len(PROMPT) + 31
-    # chunked prefill: chunks of 3 continue from the filled cache and give the same logits
+    # the recipe's default program returns the last position's logits only (lm_head skipped on
+    # the rest); prefill_last in chunks of 3 continues from the filled cache and gives its row
+    assert m["io"]["prefill_logits"] == "last" and m["io"]["outputs"]["logits"]["shape"][1] == 1
     r.reset()
     r.prefill_len = 3
-    chunked = r.prefill(PROMPT)
-    err = float(np.abs(chunked - prefill_ref).max())
-    assert err <= LOGIT_TOL, f"{arch}: chunked prefill max |logit err| {err:.2e} > {LOGIT_TOL}"
+    last = r.prefill_last(PROMPT)
+    assert r.position == len(PROMPT)
+    err = float(np.abs(last - prefill_ref[-1]).max())
+    assert err <= LOGIT_TOL, f"{arch}: chunked prefill_last max |logit err| {err:.2e} > {LOGIT_TOL}"
+
+
+@pytest.mark.integration
+def test_all_positions_logits_option(tiny_model_dir, tiny_artifact):
+    """``xnnpack.prefill_logits=all``: one call returns every fed position's logits, chunks too."""
+    art = tiny_artifact("tiny-llama", "executorch/xnnpack-fp32", **{"xnnpack.prefill_logits": "all"})
+    assert _manifest(art)["io"]["prefill_logits"] == "all"
+    prefill_ref, _, _ = eager_greedy(tiny_model_dir("tiny-llama"), PROMPT, 0)
+    r = runtime.load(art, threads=1)
+    logits = r._run(PROMPT)                          # one model call
+    assert logits.shape == prefill_ref.shape
+    err = float(np.abs(logits - prefill_ref).max())
+    assert err <= LOGIT_TOL, f"all-position logits max |err| {err:.2e} > {LOGIT_TOL}"
+    r.reset()
+    r.prefill_len = 3
+    err = float(np.abs(r.prefill(PROMPT) - prefill_ref).max())
+    assert err <= LOGIT_TOL, f"chunked prefill max |logit err| {err:.2e} > {LOGIT_TOL}"
 
 
 @pytest.mark.integration
@@ -88,12 +109,14 @@ def test_fp32_graph_stays_in_xnnpack(arch, tiny_artifact, tiny_model_dir):
     assert d["delegated_fraction"] >= MIN_DELEGATED_FRACTION, (
         f"{arch}: XNNPACK took {d['delegated_fraction']:.3f} of compute nodes (< {MIN_DELEGATED_FRACTION}); "
         f"outside: {d['non_delegated_ops']}")
-    assert d["partitions"] <= layers + 2, f"{arch}: {d['partitions']} partitions for {layers} layers"
+    last = m["io"]["prefill_logits"] == "last"     # the last-position slice puts norm + lm_head in their own partition
+    assert d["partitions"] <= layers + 2 + last, f"{arch}: {d['partitions']} partitions for {layers} layers"
     stray = {op: n for op, n in d["non_delegated_ops"].items() if not op.startswith(ALLOWED_OUTSIDE)}
     assert stray == {}, f"{arch}: ops fell out of the delegate: {stray}"
     # rotate_half is a delegated matmul (rope_as_matmul): the only slices left outside are the two
-    # RoPE table rows (cos, sin) taken once per forward, not four per layer
-    assert d["non_delegated_ops"].get("aten_slice_copy_tensor", 0) <= 2, d["non_delegated_ops"]
+    # RoPE table rows (cos, sin) taken once per forward, not four per layer, and the last position
+    # (prefill_logits: last)
+    assert d["non_delegated_ops"].get("aten_slice_copy_tensor", 0) <= 2 + last, d["non_delegated_ops"]
 
 
 @pytest.mark.integration

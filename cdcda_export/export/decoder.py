@@ -463,6 +463,7 @@ class ExportDecoder(nn.Module):
         self.register_buffer("rope_cos", rope_cos, persistent=False)  # [max_seq_len, rotary_dim]
         self.register_buffer("rope_sin", rope_sin, persistent=False)
         self.register_buffer("rotate_half_w", None, persistent=False)   # set by from_hf(rope_as_matmul=True)
+        self.last_logits_only = False   # True: lm_head on the last fed position only -> [B, 1, vocab]
         self.cache = cache
         cache.setup(self)
 
@@ -602,6 +603,8 @@ class ExportDecoder(nn.Module):
             attn = self.cache.attend(i, q, k, v, ctx)
             h = h + a.o_proj(attn)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if self.last_logits_only:
+            h = h[:, -1:, :]      # one slice_copy (portable kernel: XNNPACK takes no dynamic-axis slice)
         logits = self.lm_head(self.norm(h))
         return self.cache.outputs(logits, ctx)
 

@@ -237,6 +237,8 @@ def export_executorch(job) -> dict:
     # with no kernel ("Missing out variants"). padding_idx only masks gradients: dropping it changes
     # no output.
     dec.embed_tokens.padding_idx = None
+    last_only = rec.xnnpack.prefill_logits == "last"
+    dec.last_logits_only = last_only
     t0 = time.perf_counter()
     job.progress(f"quantizing ({q.scheme})" if quantized else "float32 (no quantization)")
     applied = quantize(dec, rec)
@@ -248,10 +250,13 @@ def export_executorch(job) -> dict:
                                     transform_passes=[SymbolicViewToInferred()])
     with open(job.out_dir / MODEL_FILE, "wb") as f:
         program.write_to_file(f)
-    io = {"methods": ["forward"], "model_file": MODEL_FILE, "prefill_logits": "all",
+    io = {"methods": ["forward"], "model_file": MODEL_FILE, "prefill_logits": "last" if last_only else "all",
           "backend": "xnnpack", "runtime_ops": ["llama::update_cache", "llama::custom_sdpa"]
           + (["quantized_decomposed::embedding_*"] if applied.get("embedding_config") else []),
           **dec.io_description()}
+    if last_only:
+        io["outputs"] = {"logits": {"shape": [1, 1, dec.spec.vocab_size], "dtype": "float32",
+                                    "meaning": "logits of the last fed position"}}
     return {"io": io, "quantization_applied": applied,
             "extra": {"delegation": facts, "timings": {"quantize_s": round(t_quant, 2), **timings}}}
 

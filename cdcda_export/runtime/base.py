@@ -2,7 +2,9 @@
 
 A runner holds one loaded model and its KV cache. ``prefill`` feeds a real sequence (chunked by
 the artifact's prefill length when longer) and returns the logits of every fed position;
-``decode`` feeds one token and returns the next-token logits. ``generate`` is greedy decoding
+``decode`` feeds one token and returns the next-token logits. A runner may also offer
+``prefill_last`` (the last position's logits only, for artifacts whose lm_head runs on the last
+position alone); ``generate`` uses it when present. ``generate`` is greedy decoding
 on top of the two, shared by all formats, and reports its timings.
 
 This package is what travels to a phone, board or emulator with the bench runner: it imports
@@ -77,7 +79,8 @@ def greedy_generate(runner: Runner, prompt_ids: Sequence[int], max_new_tokens: i
     max_new_tokens = min(max_new_tokens, room)
     runner.reset()
     t0 = time.perf_counter()
-    logits = runner.prefill(prompt_ids)[-1]
+    prefill_last = getattr(runner, "prefill_last", None)   # runners with a last-position-only fast path
+    logits = prefill_last(prompt_ids) if prefill_last else runner.prefill(prompt_ids)[-1]
     ttft = time.perf_counter() - t0
     out: list[int] = []
     kept: list[np.ndarray] = []

@@ -1,10 +1,20 @@
 """ExecuTorch runner for ``format: executorch`` artifacts (``model.pte``).
 
-The program has one method, ``forward(tokens [1, T] int64, input_pos [1] int64) -> logits [1, T, V]``,
+The program has one method, ``forward(tokens [1, T] int64, input_pos [1] int64) -> logits``,
 whose KV cache lives in the program's mutable buffers: prefill feeds chunks of up to the artifact's
 ``prefill_len`` tokens (``static_seq`` for delegates without dynamic shapes), decode one token, and
 the runner keeps the position. ``reset()`` only rewinds the position: cache rows past it are
 never read (attention is causal from ``input_pos``) and are overwritten as the sequence grows.
+
+Logits are ``[1, T, V]`` (every fed position) or, with ``io.prefill_logits: last`` (the XNNPACK
+recipes' default), ``[1, 1, V]``: the lm_head runs on the last position only. ``prefill_last`` is
+the fast path generation uses; ``prefill`` still returns every position's logits (for the
+fidelity check) by feeding such an artifact one token at a time -- the same math, per position.
+
+Loading runs the method once on one token (position 0, rewound after): ExecuTorch initialises
+the method and XNNPACK packs its weights on the first execute, which ``llama_main`` does inside
+``Module::load_method`` and the pybindings do lazily. So ``load`` pays it, as in ExecuTorch's own
+runner, and TTFT is the prompt's prefill alone.
 
 Imports only numpy and the ExecuTorch runtime (pybindings, which use torch tensors for I/O) plus
 the kernel libraries the program calls: ``llama::update_cache``/``custom_sdpa`` and the quantized
@@ -79,7 +89,13 @@ class ExecuTorchRunner:
         path = artifact_dir / io.get("model_file", "model.pte")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; re-export the artifact with `cdcda export ...`")
+        # custom_sdpa's kernel library links libtorch, whose MKL/OpenMP pool would add threads on top
+        # of ExecuTorch's own threadpool (oversubscribing the cores); torch here only carries I/O.
+        torch.set_num_threads(1)
+        self.last_only = io.get("prefill_logits") == "last"
         self.module = _load_for_executorch(str(path))
+        self.position = 0
+        self._run([0])          # method init + XNNPACK weight packing now, not in the first prefill
         self.position = 0
 
     def reset(self) -> None:
@@ -97,7 +113,17 @@ class ExecuTorchRunner:
         return logits[0].numpy()
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
-        return chunked_prefill(self._run, token_ids, self.prefill_len)
+        # A last-position-logits program gives every position's logits only one token per call.
+        return chunked_prefill(self._run, token_ids, 1 if self.last_only else self.prefill_len)
+
+    def prefill_last(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Feed the prompt in ``prefill_len`` chunks; only the last position's logits [vocab]."""
+        ids = [int(i) for i in token_ids]
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        for i in range(0, len(ids), self.prefill_len):
+            logits = self._run(ids[i:i + self.prefill_len])
+        return logits[-1].astype(np.float32, copy=False)
 
     def decode(self, token_id: int) -> np.ndarray:
         return self._run([int(token_id)])[-1].astype(np.float32, copy=False)
