@@ -20,12 +20,16 @@ def main() -> int:
     from executorch.kernels import quantized  # noqa: F401
 
     ids = read_prompt(args.prompt_file)
+    torch.set_num_threads(1)   # as cdcda's runner: custom_sdpa's library calls libtorch's MKL, whose pool would oversubscribe
     if args.threads:
         _unsafe_reset_threadpool(args.threads)     # XNNPACK uses ExecuTorch's threadpool; once per process
     pte = args.model if args.model.endswith(".pte") else os.path.join(args.model, "model.pte")
     load0 = now_ms()
     m = _load_for_executorch(pte)
-    m.load_method("forward") if hasattr(m, "load_method") else None
+    # The pybindings initialise the method (and XNNPACK packs weights) on the first execute; ExecuTorch's
+    # llama_main does it in Module::load_method. One token at position 0 (overwritten by the prompt)
+    # puts it in load, exactly as cdcda's ExecuTorch runner does, so TTFT is the prefill alone for both.
+    m.forward((torch.tensor([[0]], dtype=torch.long), torch.tensor([0], dtype=torch.long)))
     load1 = now_ms()
 
     def fwd(tokens: list[int], pos0: int) -> int:

@@ -36,6 +36,10 @@ def export(base: Path, key: str, out: Path, log: Path, *, force: bool = False, t
     A finished artifact is reused (its cost from the sidecar written when it was made).
     """
     side = out.with_name(out.name + ".export.json")
+    stale = _stale_reason(out, key)
+    if stale:
+        print(f"[peers] re-exporting {key}: the cached artifact is stale ({stale})", file=sys.stderr)
+        force = True
     if not force and (out / "manifest.json").exists():
         if side.exists():
             return {**json.loads(side.read_text()), "cached": True}
@@ -57,8 +61,49 @@ def export(base: Path, key: str, out: Path, log: Path, *, force: bool = False, t
         m = json.loads((out / "manifest.json").read_text())
         res["artifact_mb"] = sum(v["bytes"] for v in m["files"].values()) / 1e6
         res["manifest_export"] = m.get("export")
+        res["exporter_sha"] = exporter_fingerprint()
         side.write_text(json.dumps(res, indent=2))
     return res
+
+
+def _stale_reason(out: Path, key: str) -> str | None:
+    """Why a cached artifact no longer matches the recipe or the toolchain (None: it matches).
+
+    The benchmark must measure what ``cdcda export`` makes today: a recipe key changed since
+    (e.g. a new option with its default) or another library version means a re-export.
+    """
+    mf = out / "manifest.json"
+    if not mf.exists():
+        return None
+    m = json.loads(mf.read_text())
+    old = (m.get("recipe") or {}).get("resolved") or {}
+    cur = recipe_info(key)
+    if cur and old != cur:
+        keys = sorted(k for k in set(old) | set(cur) if old.get(k) != cur.get(k))
+        return f"recipe differs in {', '.join(keys)}"
+    from cdcda_export.utils import versions
+
+    now, was = versions(), m.get("versions") or {}
+    changed = sorted(k for k in now if was.get(k) != now[k])
+    if changed:
+        return f"library versions differ: {', '.join(changed)}"
+    side = out.with_name(out.name + ".export.json")
+    made_by = json.loads(side.read_text()).get("exporter_sha") if side.exists() else None
+    if made_by and made_by != exporter_fingerprint():
+        return "the exporter code changed since (cdcda_export/export/*.py)"
+    return None
+
+
+def exporter_fingerprint() -> str:
+    """sha256 of the exporter sources (cdcda_export/export/*.py), recorded with each cached export."""
+    import hashlib
+
+    import cdcda_export.export as pkg
+
+    h = hashlib.sha256()
+    for f in sorted(Path(pkg.__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def bench(art: Path, out_json: Path, log: Path, *, prompt_len: int, gen_len: int, runs: int, warmup: int,

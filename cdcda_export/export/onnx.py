@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 from ..errors import UserError
@@ -409,19 +410,25 @@ def export_onnx(job) -> dict:
 
     job.progress("torch.onnx.export (dynamo, explicit KV I/O)")
     extra_facts: dict = {}
+    timings: dict = {}
+    t0 = time.perf_counter()
     if q.scheme == "none":
         export_decoder_onnx(dec, final, opts.opset)
+        timings["torch_onnx_export_s"] = round(time.perf_counter() - t0, 2)
     else:
         fp32 = job.work_dir / "fp32" / MODEL_FILE
         fp32.parent.mkdir(parents=True, exist_ok=True)
         export_decoder_onnx(dec, fp32, opts.opset)
+        timings["torch_onnx_export_s"] = round(time.perf_counter() - t0, 2)
         job.progress(f"onnxruntime quantization ({q.scheme})")
+        t0 = time.perf_counter()
         extra_facts = _quantize(fp32, final, rec, job.work_dir, tied=spec.tie_word_embeddings)
+        timings["quantize_s"] = round(time.perf_counter() - t0, 2)
     del dec
     cfg = genai_config(spec, rec, share_buffer=bool(io.get("share_buffer")))
     (job.out_dir / "genai_config.json").write_text(json.dumps(cfg, indent=4))
     facts = {**_quant_facts(final, q.scheme), **extra_facts}
     if q.scheme != "none" and facts["quantized_matmuls"] == 0:
         raise RuntimeError(f"quantization {q.scheme} did not quantize any MatMul (op counts: {facts['op_counts']})")
-    return {"io": io, "quantization_applied": facts}
+    return {"io": io, "quantization_applied": facts, "extra": {"timings": timings}}
 
