@@ -118,12 +118,7 @@ class ExecuTorchRunner:
 
     def prefill_last(self, token_ids: Sequence[int]) -> np.ndarray:
         """Feed the prompt in ``prefill_len`` chunks; only the last position's logits [vocab]."""
-        ids = [int(i) for i in token_ids]
-        if not ids:
-            raise ValueError("prefill needs at least one token")
-        for i in range(0, len(ids), self.prefill_len):
-            logits = self._run(ids[i:i + self.prefill_len])
-        return logits[-1].astype(np.float32, copy=False)
+        return chunked_prefill(self._run, token_ids, self.prefill_len)[-1]
 
     def decode(self, token_id: int) -> np.ndarray:
         return self._run([int(token_id)])[-1].astype(np.float32, copy=False)
