@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
+GENAI = "+genai"   # variant id suffix: our ONNX artifact run by `cdcda bench --engine onnxruntime-genai`
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
@@ -163,7 +164,8 @@ def prepare_variants(args, base: Path, work: Path, logs: Path) -> list[dict]:
         variants.append(dict(id="ours", toolchain="cdcda", quant="-", format="-", error=f"recipe registry: {e}"))
     for key in keys:
         vid = f"ours-{key}"
-        if not want(vid):
+        genai = key.startswith("onnx/") and want(vid + GENAI)
+        if not want(vid) and not genai:
             continue
         art = work / "ours" / key.replace("/", "__")
         if args.no_export and not (art / "manifest.json").exists():
@@ -182,7 +184,13 @@ def prepare_variants(args, base: Path, work: Path, logs: Path) -> list[dict]:
                                  error=x.get("error") or f"cdcda export exited {x.get('exit')}: {x.get('stdout', '')}",
                                  export=x))
             continue
-        variants.append(our_variant(key, art, cfg, x))
+        v = our_variant(key, art, cfg, x)
+        if want(vid):
+            variants.append(v)
+        if genai:
+            # the same artifact through ONNX Runtime GenAI's generator (it ships genai_config.json): what
+            # apps run on Android/iOS, and the loop ORT GenAI's own build is measured with
+            variants.append({**v, "id": vid + GENAI, "engine": "onnxruntime-genai"})
     # pending ones last: they get the most time to appear
     return sorted(variants, key=lambda v: bool(v.get("pending")))
 
@@ -242,7 +250,7 @@ def run_variant(v: dict, threads: int, args, dev: dict, prompt: dict, prompt_fil
     if v["toolchain"] == "cdcda":
         res = ours.bench(v["path"], logs / f"bench_{v['id'].replace('/', '__')}_t{threads}.json", logs / "cdcda_bench.log",
                          prompt_len=args.prompt_len, gen_len=args.gen_len, runs=args.runs, warmup=args.warmup,
-                         threads=threads)
+                         threads=threads, engine=v.get("engine", ""))
         res["artifact"]["toolchain"] = "cdcda"
         res["artifact"]["name"] = v["id"]
         return res

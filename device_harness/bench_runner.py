@@ -39,6 +39,8 @@ PRELOAD = {
     "executorch": ("numpy", "torch", "executorch.extension.pybindings.portable_lib"),
     "coreml": ("numpy", "coremltools"),
 }
+# ``--engine`` choices that replace the format's default runtime (and what they preload)
+ENGINE_PRELOAD = {"onnxruntime-genai": ("numpy", "onnxruntime_genai")}
 HEAVY = ("torch", "transformers", "peft", "torchao", "coremltools", "onnx")
 
 
@@ -54,12 +56,14 @@ def child(args: argparse.Namespace) -> int:
         prompt = json.load(f)
     ids = [int(i) for i in prompt["ids"]]
     options = {"threads": args.threads} if args.threads else {}
+    if args.engine:
+        options["engine"] = args.engine
 
     # Import the format's runtime libraries first and time that apart (``import_ms``): ``load_ms``
     # is then the model load itself, as in ExecuTorch's llama_main where the runtime is linked in.
     imp0 = _now_ms()
     fmt = runtime.read_manifest(args.artifact).get("format")
-    for mod in PRELOAD.get(fmt, ()):
+    for mod in ENGINE_PRELOAD.get(args.engine) or PRELOAD.get(fmt, ()):
         try:
             __import__(mod)
         except ImportError:
@@ -97,7 +101,7 @@ def child(args: argparse.Namespace) -> int:
 
 def _runtime_versions(runner) -> dict:
     out = {"python": platform.python_version(), "format": runner.manifest.get("format")}
-    for mod in ("numpy", "onnxruntime", "executorch", "torch", "coremltools"):
+    for mod in ("numpy", "onnxruntime", "onnxruntime_genai", "executorch", "torch", "coremltools"):
         m = sys.modules.get(mod)
         if m is not None:
             out[mod] = getattr(m, "__version__", None)
@@ -194,6 +198,8 @@ def supervise(args: argparse.Namespace) -> int:
            "--gen-len", str(args.gen_len)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.engine:
+        cmd += ["--engine", args.engine]
     failed = 0
     for i in range(args.warmup + args.runs):
         warm = i < args.warmup
@@ -222,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--prompt-file", required=True)
         p.add_argument("--gen-len", type=int, default=128)
         p.add_argument("--threads", type=int, default=0)
+        p.add_argument("--engine", default="", help="runtime engine instead of the format's default "
+                       "(onnx: onnxruntime-genai)")
         if name == "bench":
             p.add_argument("--runs", type=int, default=5)
             p.add_argument("--warmup", type=int, default=1)

@@ -23,7 +23,7 @@ from cdcda_export.utils import now_iso, write_json_atomic
 from . import parsers
 from .bundle import build_bundle
 from .devices import Device, get_device
-from .schema import BenchConfig, artifact_summary, build_result, greedy_block, make_prompt, read_artifact
+from .schema import ENGINE_FORMATS, BenchConfig, artifact_summary, build_result, greedy_block, make_prompt, read_artifact
 
 
 def _check_fits(art: Path, manifest: dict, cfg: BenchConfig) -> None:
@@ -44,8 +44,15 @@ def bench(artifact: str | Path, device: str | Device = "host", cfg: BenchConfig 
     art = Path(artifact)
     manifest = read_artifact(art)
     _check_fits(art, manifest, cfg)
+    if cfg.engine and manifest.get("format") not in ENGINE_FORMATS[cfg.engine]:
+        raise UserError(f"--engine {cfg.engine} runs {', '.join(ENGINE_FORMATS[cfg.engine])} artifacts, not "
+                        f"format {manifest.get('format')!r}", file=str(art / "manifest.json"), field="format",
+                        hint="leave --engine out to use the format's own runtime")
     dev = get_device(device) if isinstance(device, str) else device
     if hasattr(dev, "bench_native"):
+        if cfg.engine:
+            raise UserError(f"--engine {cfg.engine}: {dev.label()} runs its own native runner, not the Python "
+                            "bench runner that switches engines", hint="leave --engine out on adb/ios devices")
         res = dev.bench_native(art, manifest, cfg, progress=progress)
     else:
         res = bench_python(art, manifest, dev, cfg, timeout=timeout, progress=progress)
@@ -66,6 +73,8 @@ def bench_python(art: Path, manifest: dict, dev: Device, cfg: BenchConfig, *, ti
             argv = [f"{rb}/bench_runner.py", "bench", "--artifact", ra, "--prompt-file", f"{rb}/prompt.json",
                     "--gen-len", str(cfg.gen_len), "--runs", str(cfg.runs), "--warmup", str(cfg.warmup),
                     "--threads", str(cfg.threads), "--out", f"{rb}/results.jsonl"]
+            if cfg.engine:
+                argv += ["--engine", cfg.engine]
             progress(f"{dev.label()}: {cfg.warmup} warm-up + {cfg.runs} runs")
             proc = dev.run(argv, timeout=timeout)
             local = Path(tmp) / "results.jsonl"
@@ -115,6 +124,8 @@ def host_reference_tokens(art: Path, prompt: dict, cfg: BenchConfig) -> list[int
         dev = HostDevice()
         argv = [f"{bundle}/bench_runner.py", "child", "--artifact", str(art.resolve()), "--prompt-file",
                 f"{bundle}/prompt.json", "--gen-len", str(cfg.gen_len), "--threads", str(cfg.threads)]
+        if cfg.engine:
+            argv += ["--engine", cfg.engine]
         proc = _run_with_pythonpath(dev.python, argv, str(bundle))
     lines = [ln for ln in proc.splitlines() if parsers.OBSERVER + " " in ln]
     if not lines:

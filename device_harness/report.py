@@ -45,7 +45,8 @@ def markdown_table(results: list[dict]) -> str:
                 cell += f" ({_fmt(s['min'])}-{_fmt(s['max'])})"
             cells.append(cell)
         match = (r.get("greedy") or {}).get("matches_host")
-        lines.append("| " + " | ".join([a.get("name", "?"), str(a.get("format")), dev, *cells,
+        fmt = str(a.get("format")) + (f" ({r['config']['engine']})" if r["config"].get("engine") else "")
+        lines.append("| " + " | ".join([a.get("name", "?"), fmt, dev, *cells,
                                          {True: "yes", False: "NO", None: "-"}[match]]) + " |")
     cfgs = {(r["config"].get("prompt_len"), r["config"].get("gen_len"), r["config"].get("threads")) for r in results}
     note = "; ".join(f"prompt {p}, gen {g}, threads {t or 'default'}" for p, g, t in sorted(cfgs, key=str))

@@ -36,6 +36,11 @@ UNITS = {"load_ms": "ms", "ttft_ms": "ms", "prefill_tok_s": "tok/s", "decode_tok
 DEVICE_KEYS = ("kind", "name", "cpu", "os", "arch", "emulated")
 
 
+# runtime engines ``cdcda bench --engine`` takes ("" = the format's default) and the formats they run
+ENGINES = ("", "onnxruntime", "onnxruntime-genai")
+ENGINE_FORMATS = {"onnxruntime": ("onnx",), "onnxruntime-genai": ("onnx",)}
+
+
 @dataclass
 class BenchConfig:
     prompt_len: int = 64
@@ -45,6 +50,7 @@ class BenchConfig:
     threads: int = 0          # 0: the runtime's default
     seed: int = 0
     compare_host: bool = True  # non-host devices: also run once on the host and compare greedy tokens
+    engine: str = ""           # "": the format's default runtime; onnx: "onnxruntime-genai" (ORT GenAI's generator)
 
     def validate(self) -> None:
         problems = []
@@ -58,6 +64,8 @@ class BenchConfig:
             problems.append(f"--warmup {self.warmup}: expected >= 0")
         if self.threads < 0:
             problems.append(f"--threads {self.threads}: expected >= 0 (0 = runtime default)")
+        if self.engine not in ENGINES:
+            problems.append(f"--engine {self.engine!r}: expected one of {', '.join(repr(e) for e in ENGINES)}")
         if problems:
             from cdcda_export.errors import ValidationErrors
 
@@ -249,4 +257,5 @@ def result_key(res: dict) -> str:
     dev = d.get("kind") or "device"
     if d.get("kind") not in ("host",) and d.get("name") and d.get("name") != d.get("kind"):
         dev = f"{dev}:{d['name']}"
-    return f"{name}@{dev}"
+    engine = (res.get("config") or {}).get("engine")
+    return f"{name}{f'+{engine}' if engine else ''}@{dev}"

@@ -54,6 +54,31 @@ def test_host_bench_onnx(onnx_art, tmp_path):
     assert all(r["heavy_imports"] == [] for r in res["runs"])   # the ONNX runner pulled in no torch
 
 
+def test_host_bench_onnx_through_onnxruntime_genai(onnx_art, tmp_path):
+    """``--engine onnxruntime-genai``: the same artifact through ORT GenAI's generator, same greedy tokens."""
+    import dataclasses
+
+    ours = bench(onnx_art, "host", CFG)
+    res = bench(onnx_art, "host", dataclasses.replace(CFG, engine="onnxruntime-genai"))
+    _check_result(res, "onnx", "host")
+    assert res["config"]["engine"] == "onnxruntime-genai" and res["config"]["runtime"]["onnxruntime_genai"]
+    assert res["greedy"]["tokens"] == ours["greedy"]["tokens"]
+    assert all(r["heavy_imports"] == [] for r in res["runs"])
+    from device_harness.schema import result_key
+
+    assert result_key(res) != result_key(ours)   # reports and compare keep the two engines apart
+
+
+def test_engine_for_another_format_is_a_user_error(tiny_artifact):
+    import dataclasses
+
+    from cdcda_export.errors import UserError
+
+    art = tiny_artifact("tiny", "executorch/xnnpack-fp32")
+    with pytest.raises(UserError, match="--engine onnxruntime-genai runs onnx artifacts"):
+        bench(art, "host", dataclasses.replace(CFG, engine="onnxruntime-genai"))
+
+
 def test_host_bench_executorch(tiny_artifact, tmp_path):
     art = tiny_artifact("tiny", "executorch/xnnpack-fp32")
     res = bench(art, "host", CFG, json_out=tmp_path / "b.json")

@@ -100,19 +100,24 @@ def test_fp32_graph_has_explicit_kv_io(tiny_artifact):
 
 
 @pytest.mark.parametrize("share", [True, False])
-def test_gqa_strategy_eager_matches_hf(share, tiny_model_dir):
-    """The ``ort-gqa`` strategy's torch reference (what gets exported) equals HF eager, both KV modes."""
+@pytest.mark.parametrize("arch", ["tiny-qwen3", "tiny-qwen2"])
+def test_gqa_strategy_eager_matches_hf(share, arch, tiny_model_dir):
+    """The ``ort-gqa`` strategy's torch reference (what gets exported) equals HF eager, both KV modes:
+    Qwen3 (per-head q/k norm: separate q, k, v) and Qwen2 (fused qkv with bias: packed-QKV form)."""
     import torch
 
     from cdcda_export.export.api import load_merged_model
     from cdcda_export.export.decoder import ExportDecoder
     from cdcda_export.export.onnx import cache_strategy
 
-    model = load_merged_model(tiny_model_dir("tiny-qwen3"))
+    model = load_merged_model(tiny_model_dir(arch))
+    calls = []
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([PROMPT]), use_cache=False).logits[0]
         dec = ExportDecoder.from_hf(model, max_seq_len=64, cache=cache_strategy("ort-gqa", share),
                                     fuse_projections=True, norm_div=True)
+        gqa = dec.cache._gqa
+        dec.cache._gqa = lambda i, q, k, v, ctx: calls.append(k is None) or gqa(i, q, k, v, ctx)
         sp = dec.spec
         n = 64 if share else 0
         past = [torch.zeros(1, sp.num_kv_heads, n, sp.head_dim) for _ in range(2 * sp.num_layers)]
@@ -125,7 +130,8 @@ def test_gqa_strategy_eager_matches_hf(share, tiny_model_dir):
             past = list(out[1:])
             pos += t
     err = (torch.cat(got) - ref).abs().max().item()
-    assert err <= 1e-5, f"ort-gqa share={share}: max |logit err| {err:.2e} > 1e-5"
+    assert err <= 1e-5, f"ort-gqa {arch} share={share}: max |logit err| {err:.2e} > 1e-5"
+    assert set(calls) == {arch == "tiny-qwen2"}, f"{arch}: packed-QKV calls {calls}"
 
 
 @pytest.mark.integration
@@ -147,6 +153,29 @@ def test_onnxruntime_genai_runs_the_artifact(tiny_artifact):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("recipe", ["onnx/fp32", "onnx/int4"])
+def test_genai_engine_runner_matches_onnxruntime_runner(recipe, tiny_artifact):
+    """``runtime.load(art, engine="onnxruntime-genai")`` (ORT GenAI's generator) gives the logits of the
+    onnxruntime session loop: every prefill position (fed one token per call), the prompt's last position
+    in one call, and each decode step; same greedy tokens."""
+    art = tiny_artifact("tiny-qwen2", recipe)
+    ref, og = runtime.load(art, threads=1), runtime.load(art, threads=1, engine="onnxruntime-genai")
+    tol = 1e-4 if recipe == "onnx/fp32" else 2e-3   # int4: same kernels, batched vs one-token prefill rounding
+    err = float(np.abs(og.prefill(PROMPT) - ref.prefill(PROMPT)).max())
+    assert err <= tol, f"{recipe}: genai prefill max |logit err| {err:.2e} > {tol}"
+    a = runtime.greedy_generate(ref, PROMPT, 16, keep_logits=True)
+    b = runtime.greedy_generate(og, PROMPT, 16, keep_logits=True)
+    assert a.tokens == b.tokens
+    err = max(float(np.abs(x - y).max()) for x, y in zip(a.logits, b.logits))
+    assert err <= tol, f"{recipe}: genai generate max |logit err| {err:.2e} > {tol}"
+    assert og.position == len(PROMPT) + 15
+    with pytest.raises(ValueError, match="max_seq_len"):
+        og.prefill_last(list(range(og.max_seq_len + 1)))
+    with pytest.raises(ValueError, match="engine 'nope' is not known"):
+        runtime.load(art, engine="nope")
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("recipe", ["onnx/int8", "onnx/int4"])
 def test_quantized_artifacts_run_and_really_quantize(recipe, tiny_model_dir, tiny_artifact):
     art = tiny_artifact("tiny", recipe)
@@ -157,6 +186,13 @@ def test_quantized_artifacts_run_and_really_quantize(recipe, tiny_model_dir, tin
     assert q["quantized_matmuls"] == 4 * 2 + 1, q
     assert q["float_matmuls"] == 0, q
     assert q["op_counts"].get("GroupQueryAttention") == 2, q
+    # packed QKV straight into GroupQueryAttention (no Split/Reshape of q/k/v; the one Split per layer is
+    # gate_up's), residual Add + RMSNorm as SkipSimplifiedLayerNormalization (2 per layer: the first
+    # layer's input norm has no residual before it, the final norm follows the last residual)
+    ops = q["op_counts"]
+    assert ops.get("Split") == 2 and "Reshape" not in {k for k, v in ops.items() if v > 1}, ops
+    assert ops.get("SkipSimplifiedLayerNormalization") == 4 and ops.get("SimplifiedLayerNormalization") == 1, ops
+    assert m["export"]["ort_fusions"] == {"rms_normalization": 5, "skip_rms_normalization": 4}
     if recipe == "onnx/int4":
         assert q["op_counts"].get("MatMulNBits") == 9 and q["quantized_embeddings"] == 1
         # tied model: the int4 embedding Gather reads the int4 lm_head's weights (one copy of the table)

@@ -107,9 +107,11 @@ def exporter_fingerprint() -> str:
 
 
 def bench(art: Path, out_json: Path, log: Path, *, prompt_len: int, gen_len: int, runs: int, warmup: int,
-          threads: int, timeout: float = 1800) -> dict:
+          threads: int, engine: str = "", timeout: float = 1800) -> dict:
     cmd = [CDCDA, "bench", str(art), "--device", "host", "--prompt-len", str(prompt_len), "--gen-len", str(gen_len),
            "--runs", str(runs), "--warmup", str(warmup), "--threads", str(threads), "--json", str(out_json)]
+    if engine:
+        cmd += ["--engine", engine]
     out_json.unlink(missing_ok=True)
     rc, stdout, _, _ = run_child(cmd, log=log, timeout=timeout)
     if rc != 0 or not out_json.exists():

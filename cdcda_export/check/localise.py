@@ -71,8 +71,15 @@ def _compare_layers(ref_states: list[np.ndarray], art_states: list[np.ndarray], 
 # ----------------------------------------------------------------------------- ONNX
 
 
+_SKIP_NORMS = ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
+
+
 def onnx_residual_tensors(graph) -> list[str]:
-    """Names of the residual-stream tensors of an exported decoder graph: [embedding, add_1, add_2, ...]."""
+    """Names of the residual-stream tensors of an exported decoder graph: [embedding, add_1, add_2, ...].
+
+    A residual sum is an ``Add`` output, or the fourth output (``input_skip_bias_sum``) of a fused
+    ``SkipSimplifiedLayerNormalization`` / ``SkipLayerNormalization`` (Add + norm in one node, as our
+    ORT-fused graphs and ORT GenAI's builder write them)."""
     consumers: dict[str, list] = {}
     for n in graph.node:
         for i in n.input:
@@ -105,6 +112,9 @@ def onnx_residual_tensors(graph) -> list[str]:
                 if other in inits:
                     continue      # a bias / eps, not a residual branch
                 nxt = c.output[0]
+                break
+            if c.op_type in _SKIP_NORMS and h in c.input[:2] and len(c.output) > 3 and c.output[3]:
+                nxt = c.output[3]
                 break
         if nxt is None or nxt in seen:
             break

@@ -25,6 +25,9 @@ def bench_cmd(
     runs: int = typer.Option(5, help="Measured runs (one fresh runner process each)."),
     warmup: int = typer.Option(1, help="Warm-up runs, discarded."),
     threads: int = typer.Option(0, help="Runtime threads (0: runtime default)."),
+    engine: str = typer.Option("", help="Runtime engine instead of the format's own (onnx artifacts: "
+                                        "onnxruntime-genai = ONNX Runtime GenAI's generator, reading "
+                                        "genai_config.json)."),
     seed: int = typer.Option(0, help="Seed of the prompt token ids."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the bench result (JSON) here."),
     compare_host: bool = typer.Option(True, help="Non-host devices: compare greedy tokens with a host run."),
@@ -54,7 +57,7 @@ def bench_cmd(
     elif device == "ios" or device.startswith("ios:"):
         opts = {"app": str(ios_app) if ios_app else None, "bundle_id": bundle_id}
     cfg = BenchConfig(prompt_len=prompt_len, gen_len=gen_len, runs=runs, warmup=warmup, threads=threads, seed=seed,
-                      compare_host=compare_host)
+                      compare_host=compare_host, engine=engine)
     res = bench(artifact, get_device(device, **opts), cfg, json_out=json_out, timeout=timeout,
                 progress=lambda m: typer.echo(m, err=True))
     typer.echo(markdown_table([res]))

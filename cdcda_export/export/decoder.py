@@ -42,7 +42,10 @@ Built-in strategies (``register_cache_strategy`` adds more; an exporter may also
   positions ``end - T .. end - 1``. Prefill (T > 1) and decode (T = 1) are one function.
 
 A strategy with ``applies_rope = True`` gets q/k *before* RoPE and rotates them itself (ONNX's fused
-``GroupQueryAttention`` with ``do_rotary``); ``ctx.cos/sin`` may then be None.
+``GroupQueryAttention`` with ``do_rotary``); ``ctx.cos/sin`` may then be None. If it also sets
+``packed_qkv = True``, layers with a fused qkv projection (and no per-head q/k norm) call
+``attend_packed(layer_idx, qkv, ctx)`` with the qkv matmul output [B, T, (H + 2 * KVH) * D] instead:
+no split and no reshapes between the matmul and the fused op (GroupQueryAttention's packed-QKV form).
 
 Options of ``from_hf`` for speed, same numbers (to ~1e-6): ``delegate_friendly_norm=True`` computes
 RMSNorm's mean as a 4-D mean over dims (2, 3), the only mean XNNPACK takes; ``norm_div=True`` writes
@@ -254,6 +257,7 @@ class CacheStrategy(nn.Module):
     name = "base"
     layout = "bhtd"
     applies_rope = False   # True: attend() gets q/k before RoPE and rotates them itself (e.g. a fused op)
+    packed_qkv = False     # True (with applies_rope): fused qkv layers call attend_packed(i, qkv [B, T, (H+2KVH)*D], ctx)
 
     def setup(self, dec: "ExportDecoder") -> None:  # register buffers etc.
         self.spec = dec.spec
@@ -263,6 +267,9 @@ class CacheStrategy(nn.Module):
         raise NotImplementedError
 
     def attend(self, layer_idx: int, q, k, v, ctx: AttnContext) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def attend_packed(self, layer_idx: int, qkv, ctx: AttnContext) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def outputs(self, logits: torch.Tensor, ctx: AttnContext):
@@ -589,6 +596,11 @@ class ExportDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             x = layer.input_layernorm(h)
+            if self.cache.packed_qkv and a.qkv_proj is not None and a.q_norm is None and self.cache.applies_rope:
+                # the strategy's fused op takes the qkv matmul output as is (no split, no reshapes)
+                h = h + a.o_proj(self.cache.attend_packed(i, a.qkv_proj(x), ctx))
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                continue
             q, k, v = a.project(x)
             q = q.view(b, t, sp.num_heads, sp.head_dim)
             k = k.view(b, t, sp.num_kv_heads, sp.head_dim)

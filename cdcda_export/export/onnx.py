@@ -53,7 +53,7 @@ def _gqa_op():
     import torch
     from .decoder import apply_rope, causal_mask, eager_attention
 
-    schema = ("(Tensor q, Tensor k, Tensor v, Tensor past_k, Tensor past_v, Tensor seqlens_k, Tensor total_len, "
+    schema = ("(Tensor q, Tensor? k, Tensor? v, Tensor past_k, Tensor past_v, Tensor seqlens_k, Tensor total_len, "
               "Tensor cos_cache, Tensor sin_cache, int num_heads, int kv_heads, float scale, int do_rotary, "
               "int share_buffer) "
               "-> (Tensor, Tensor, Tensor)")  # explicit: this module uses postponed annotations
@@ -61,12 +61,15 @@ def _gqa_op():
     @torch.library.custom_op("cdcda::ort_gqa", mutates_args=(), schema=schema)
     def ort_gqa(q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache, num_heads, kv_heads,
                 scale, do_rotary, share_buffer):
-        """Reference semantics of GroupQueryAttention (batch 1, no padding): q [B,T,H*D], k/v [B,T,KVH*D],
-        past [B,KVH,P,D] -> out [B,T,H*D], present = concat(past, new) [B,KVH,P+T,D]; with ``share_buffer``
-        past is a [B,KVH,max_seq_len,D] buffer and present is that buffer with rows total-T..total-1 written
-        (ORT does it in place when past and present are bound to the same memory)."""
+        """Reference semantics of GroupQueryAttention (batch 1, no padding): q [B,T,H*D], k/v [B,T,KVH*D]
+        (or k = v = None and q the packed [B,T,(H+2*KVH)*D] qkv), past [B,KVH,P,D] -> out [B,T,H*D],
+        present = concat(past, new) [B,KVH,P+T,D]; with ``share_buffer`` past is a [B,KVH,max_seq_len,D]
+        buffer and present is that buffer with rows total-T..total-1 written (ORT does it in place when past
+        and present are bound to the same memory)."""
         b, t, _ = q.shape
         d = past_k.shape[-1]
+        if k is None:   # packed qkv
+            q, k, v = q.split([num_heads * d, kv_heads * d, kv_heads * d], dim=-1)
         share = share_buffer != 0
         p = int(total_len) - t if share else past_k.shape[2]
         qh = q.view(b, t, num_heads, d)
@@ -92,7 +95,7 @@ def _gqa_op():
     def _(q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache, num_heads, kv_heads, scale, do_rotary,
           share_buffer):
         b, t, _ = q.shape
-        d = past_k.shape[-1]
+        d = past_k.shape[-1]   # q may be packed qkv: the output width is num_heads * d either way
         s = past_k.shape[2] if share_buffer else past_k.shape[2] + t
         return (q.new_empty(b, t, num_heads * d), past_k.new_empty(b, kv_heads, s, d),
                 past_v.new_empty(b, kv_heads, s, d))
@@ -123,6 +126,7 @@ def _make_gqa_strategy():
 
         name = "ort-gqa"
         layout = "bthd"
+        packed_qkv = True   # fused qkv layers feed the matmul output straight in (no Split/Reshape nodes)
 
         def __init__(self, share_buffer: bool = True):
             super().__init__()
@@ -151,11 +155,16 @@ def _make_gqa_strategy():
 
         def attend(self, layer_idx, q, k, v, ctx):
             b, t = q.shape[0], q.shape[1]
+            return self._gqa(layer_idx, q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1), ctx)
+
+        def attend_packed(self, layer_idx, qkv, ctx):
+            return self._gqa(layer_idx, qkv, None, None, ctx)   # GroupQueryAttention's packed-QKV form
+
+        def _gqa(self, layer_idx, q, k, v, ctx):
             sp = self.spec
             pk, pv = ctx.past[layer_idx]
-            out, nk, nv = self.op(q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1), pk, pv,
-                                  ctx.extra["seqlens_k"], ctx.extra["total_len"], self.cos_cache, self.sin_cache,
-                                  sp.num_heads, sp.num_kv_heads, float(self.scale), int(self.applies_rope),
+            out, nk, nv = self.op(q, k, v, pk, pv, ctx.extra["seqlens_k"], ctx.extra["total_len"], self.cos_cache,
+                                  self.sin_cache, sp.num_heads, sp.num_kv_heads, float(self.scale), int(self.applies_rope),
                                   int(self.share_buffer))
             ctx.present.append((nk, nv))
             return out
@@ -214,8 +223,26 @@ def _save(model_proto, path: Path) -> None:
                     location=path.name + ".data", size_threshold=1024)
 
 
-def export_decoder_onnx(dec, path: Path, opset: int) -> None:
-    """torch.onnx.export (dynamo) of an ``io``-strategy decoder to ``path`` (+ ``.data``)."""
+def ort_fusions(model) -> dict[str, int]:
+    """Fuse RMSNorm -> ``SimplifiedLayerNormalization`` and residual Add + RMSNorm ->
+    ``com.microsoft.SkipSimplifiedLayerNormalization`` (its 4th output carries the residual sum), in place
+    on the exported ``onnx_ir`` model, with onnxscript's ORT fusion rules. ORT's own online optimizer
+    fuses the RMSNorm but not the Add: its SkipLayerNormFusion wants an Add with one consumer, and a
+    residual Add feeds both the norm and the next residual. ORT GenAI's builder writes the skip form
+    directly; this gives our graph the same nodes (one per norm instead of Add + norm). Returns counts."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+    from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+    from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+    counts = {"rms_normalization": fuse_rms_normalization(model),
+              "skip_rms_normalization": fuse_skip_rms_normalization(model)}
+    RemoveUnusedNodesPass()(model)   # the replaced norms' constants (eps, exponent) are left unused
+    return counts
+
+
+def export_decoder_onnx(dec, path: Path, opset: int, fuse: bool = False) -> dict[str, int]:
+    """torch.onnx.export (dynamo) of an ``io``-strategy decoder to ``path`` (+ ``.data``); ``fuse``
+    applies :func:`ort_fusions` (ONNX Runtime contrib ops). Returns the fusion counts."""
     import torch
 
     example = dec.cache.example_inputs(dec, seq_len=3, past_len=5)
@@ -225,11 +252,13 @@ def export_decoder_onnx(dec, path: Path, opset: int) -> None:
         input_names=dec.cache.input_names(), output_names=dec.cache.output_names(),
         dynamic_shapes=(_dynamic_shapes(dec.spec.num_layers),), verbose=False, report=False,
         custom_translation_table=table)
+    fused = ort_fusions(prog.model) if fuse else {}
     proto = prog.model_proto
     for imp in proto.opset_import:
         if imp.domain == "com.microsoft":
             imp.version = 1   # contrib ops are opset 1; the exporter stamps the default opset
     _save(proto, path)
+    return fused
 
 
 def count_ops(path: Path) -> dict[str, int]:
@@ -397,8 +426,7 @@ def export_onnx(job) -> dict:
     # A tied lm_head exports as MatMul(x, Transpose(embedding)): no constant weight, so ORT's quantizers
     # would leave the largest matrix in fp32. Quantized recipes give it its own copy.
     dec = job.decoder(cache_strategy("ort-gqa" if opts.attention == "gqa" else "io", opts.share_kv_buffer),
-                      untie_lm_head=q.scheme != "none", fuse_projections=opts.fuse_projections,
-                      norm_div=opts.fuse_projections)
+                      untie_lm_head=q.scheme != "none", fuse_projections=opts.fuse_projections)
     spec = dec.spec
     io = {"methods": ["forward"], "engine": opts.engine, **dec.io_description()}
     final = job.out_dir / MODEL_FILE
@@ -412,13 +440,15 @@ def export_onnx(job) -> dict:
     extra_facts: dict = {}
     timings: dict = {}
     t0 = time.perf_counter()
+    # fuse_projections recipes also get ORT's fused norms (the same switch: "ORT-fusable graph")
+    fuse = opts.fuse_projections
     if q.scheme == "none":
-        export_decoder_onnx(dec, final, opts.opset)
+        fused = export_decoder_onnx(dec, final, opts.opset, fuse=fuse)
         timings["torch_onnx_export_s"] = round(time.perf_counter() - t0, 2)
     else:
         fp32 = job.work_dir / "fp32" / MODEL_FILE
         fp32.parent.mkdir(parents=True, exist_ok=True)
-        export_decoder_onnx(dec, fp32, opts.opset)
+        fused = export_decoder_onnx(dec, fp32, opts.opset, fuse=fuse)
         timings["torch_onnx_export_s"] = round(time.perf_counter() - t0, 2)
         job.progress(f"onnxruntime quantization ({q.scheme})")
         t0 = time.perf_counter()
@@ -430,5 +460,5 @@ def export_onnx(job) -> dict:
     facts = {**_quant_facts(final, q.scheme), **extra_facts}
     if q.scheme != "none" and facts["quantized_matmuls"] == 0:
         raise RuntimeError(f"quantization {q.scheme} did not quantize any MatMul (op counts: {facts['op_counts']})")
-    return {"io": io, "quantization_applied": facts, "extra": {"timings": timings}}
+    return {"io": io, "quantization_applied": facts, "extra": {"timings": timings, "ort_fusions": fused}}
 

@@ -103,5 +103,16 @@ class OnnxRunner:
         return self._run([int(token_id)])[-1]
 
 
-def load(artifact_dir: Path, manifest: dict, threads: int | None = None, **options) -> OnnxRunner:
-    return OnnxRunner(Path(artifact_dir), manifest, threads=threads, **options)
+ENGINES = ("onnxruntime", "onnxruntime-genai")
+
+
+def load(artifact_dir: Path, manifest: dict, threads: int | None = None, engine: str | None = None, **options):
+    """``engine``: ``onnxruntime`` (default: this module's session loop) or ``onnxruntime-genai`` (ORT
+    GenAI's generator reading the artifact's genai_config.json, :mod:`.onnx_genai`)."""
+    if engine in (None, "", "onnxruntime"):
+        return OnnxRunner(Path(artifact_dir), manifest, threads=threads, **options)
+    if engine == "onnxruntime-genai":
+        from .onnx_genai import load as genai_load
+
+        return genai_load(Path(artifact_dir), manifest, threads=threads)
+    raise ValueError(f"onnx engine {engine!r} is not known; known: {', '.join(ENGINES)}")

@@ -1,0 +1,82 @@
+"""ONNX Runtime GenAI runner for ``format: onnx`` artifacts (``engine="onnxruntime-genai"``).
+
+Our ONNX artifacts ship a ``genai_config.json``, so ONNX Runtime GenAI -- the C++ generation loop
+apps ship on Android (Java/Kotlin API), iOS (Objective-C) and desktop -- runs them as they are:
+``og.Model(artifact_dir)``, one ``og.Generator`` per sequence, the KV cache kept (and, with
+``past_present_share_buffer``, updated in place) by ORT GenAI itself. This runner drives it through
+the same interface as :class:`~cdcda_export.runtime.onnx.OnnxRunner`: ``append_tokens`` feeds the
+prompt or one token, ``get_logits`` returns the last fed position's logits, and greedy decoding stays
+in :func:`~cdcda_export.runtime.base.greedy_generate`, so both engines produce comparable numbers.
+
+ORT GenAI returns the last position's logits only: ``prefill_last`` (what generation uses) feeds the
+whole prompt in one call; ``prefill`` (every position, for the fidelity check) feeds one token per
+call. Imports only numpy and onnxruntime_genai (this module travels to devices).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .base import RuntimeUnavailable
+
+ENGINE = "onnxruntime-genai"
+
+
+class GenaiRunner:
+    def __init__(self, artifact_dir: Path, manifest: dict, threads: int | None = None):
+        try:
+            import onnxruntime_genai as og
+        except ImportError as e:  # pragma: no cover - depends on the host
+            raise RuntimeUnavailable("onnxruntime-genai is not installed (pip install onnxruntime-genai)") from e
+        if not (artifact_dir / "genai_config.json").is_file():
+            raise RuntimeUnavailable(f"{artifact_dir}: no genai_config.json; ONNX Runtime GenAI needs it "
+                                     "(re-export with `cdcda export ... --recipe onnx/...`)")
+        self._og = og
+        self.manifest = manifest
+        self.max_seq_len = int(manifest["io"]["max_seq_len"])
+        cfg = og.Config(str(artifact_dir))
+        if threads:
+            # the decoder session's threads (genai_config.json model.decoder.session_options)
+            cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
+        self.model = og.Model(cfg)
+        self.generator = None
+        self.reset()
+
+    def reset(self) -> None:
+        params = self._og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=self.max_seq_len, batch_size=1)
+        self.generator = None   # free the old KV buffers before the new generator allocates its own
+        self.generator = self._og.Generator(self.model, params)
+        self.position = 0
+
+    def _append(self, ids: Sequence[int]) -> np.ndarray:
+        t = len(ids)
+        if self.position + t > self.max_seq_len:
+            raise ValueError(f"{self.position + t} tokens exceed max_seq_len={self.max_seq_len}; call reset()")
+        self.generator.append_tokens(np.asarray([ids], dtype=np.int32))
+        self.position += t
+        return np.asarray(self.generator.get_logits(), dtype=np.float32).reshape(-1)
+
+    def prefill_last(self, token_ids: Sequence[int]) -> np.ndarray:
+        ids = [int(i) for i in token_ids]
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        return self._append(ids)
+
+    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        ids = [int(i) for i in token_ids]
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        return np.stack([self._append([i]) for i in ids])
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._append([int(token_id)])
+
+
+def load(artifact_dir: Path, manifest: dict, threads: int | None = None) -> GenaiRunner:
+    return GenaiRunner(Path(artifact_dir), manifest, threads=threads)
