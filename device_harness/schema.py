@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cdcda_export.errors import UserError
+from cdcda_export.runtime.onnx import ENGINES as ONNX_ENGINES
 
 SCHEMA = "cdcda-bench/1"
 METRICS = ("load_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "artifact_mb")
@@ -37,8 +38,8 @@ DEVICE_KEYS = ("kind", "name", "cpu", "os", "arch", "emulated")
 
 
 # runtime engines ``cdcda bench --engine`` takes ("" = the format's default) and the formats they run
-ENGINES = ("", "onnxruntime", "onnxruntime-genai")
-ENGINE_FORMATS = {"onnxruntime": ("onnx",), "onnxruntime-genai": ("onnx",)}
+ENGINE_FORMATS = {engine: ("onnx",) for engine in ONNX_ENGINES}
+ENGINES = ("", *ENGINE_FORMATS)
 
 
 @dataclass

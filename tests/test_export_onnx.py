@@ -115,7 +115,7 @@ def test_gqa_strategy_eager_matches_hf(share, arch, tiny_model_dir):
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([PROMPT]), use_cache=False).logits[0]
         dec = ExportDecoder.from_hf(model, max_seq_len=64, cache=cache_strategy("ort-gqa", share),
-                                    fuse_projections=True, norm_div=True)
+                                    fuse_projections=True)
         gqa = dec.cache._gqa
         dec.cache._gqa = lambda i, q, k, v, ctx: calls.append(k is None) or gqa(i, q, k, v, ctx)
         sp = dec.spec

@@ -48,9 +48,8 @@ A strategy with ``applies_rope = True`` gets q/k *before* RoPE and rotates them 
 no split and no reshapes between the matmul and the fused op (GroupQueryAttention's packed-QKV form).
 
 Options of ``from_hf`` for speed, same numbers (to ~1e-6): ``delegate_friendly_norm=True`` computes
-RMSNorm's mean as a 4-D mean over dims (2, 3), the only mean XNNPACK takes; ``norm_div=True`` writes
-RMSNorm as ``x / sqrt(var + eps)``, the pattern ONNX Runtime fuses; ``fuse_projections=True`` uses one
-qkv and one gate_up matmul per layer; ``untie_lm_head=True`` gives a tied lm_head its own weight copy
+RMSNorm's mean as a 4-D mean over dims (2, 3), the only mean XNNPACK takes; ``fuse_projections=True``
+uses one qkv and one gate_up matmul per layer; ``untie_lm_head=True`` gives a tied lm_head its own weight copy
 (quantizers skip a MatMul whose weight is the transposed embedding table).
 """
 
@@ -106,12 +105,11 @@ def _ids(x: Any) -> list[int]:
 class RMSNorm(nn.Module):
     """HF's RMSNorm, computed in float32 exactly as ``LlamaRMSNorm`` does."""
 
-    def __init__(self, weight: torch.Tensor, eps: float, delegate_friendly: bool = False, div: bool = False):
+    def __init__(self, weight: torch.Tensor, eps: float, delegate_friendly: bool = False):
         super().__init__()
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.eps = eps
         self.delegate_friendly = delegate_friendly
-        self.div = div   # x / sqrt(var + eps): the pattern ONNX Runtime fuses into SimplifiedLayerNormalization
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -122,7 +120,7 @@ class RMSNorm(nn.Module):
             var = x.pow(2).reshape(1, -1, 1, shape[-1]).mean((2, 3), keepdim=True).reshape(*shape[:-1], 1)
         else:
             var = x.pow(2).mean(-1, keepdim=True)
-        x = x / torch.sqrt(var + self.eps) if self.div else x * torch.rsqrt(var + self.eps)
+        x = x * torch.rsqrt(var + self.eps)
         return self.weight * x.to(dtype)
 
 
@@ -486,15 +484,13 @@ class ExportDecoder(nn.Module):
     @classmethod
     def from_hf(cls, model, *, max_seq_len: int, cache: str | CacheStrategy = "io",
                 delegate_friendly_norm: bool = False, untie_lm_head: bool = False,
-                fuse_projections: bool = False, norm_div: bool = False,
-                rope_as_matmul: bool = False) -> "ExportDecoder":
+                fuse_projections: bool = False, rope_as_matmul: bool = False) -> "ExportDecoder":
         """Build from a loaded HF ``*ForCausalLM`` (float32, adapters merged), reusing its weights.
 
         ``untie_lm_head``: give a tied lm_head its own weight copy, so exporters see it as a constant
         matrix (ONNX quantizers skip a MatMul whose weight is a transposed Gather table).
         ``fuse_projections``: one qkv and one gate_up matmul per layer (Phi-3's own fused weights are
-        reused; other families are concatenated once). ``norm_div``: RMSNorm as ``x / sqrt(var + eps)``,
-        the form ONNX Runtime fuses. Both give the same numbers to ~1e-7. ``rope_as_matmul``: RoPE's
+        reused; other families are concatenated once), the same numbers to ~1e-7. ``rope_as_matmul``: RoPE's
         rotate_half as ``linear(x, W)`` with a constant 0/+-1 matrix (exact): no slices on the dynamic
         sequence axis, which XNNPACK cannot take (see ``export_executorch`` in ``export/executorch.py``).
         """
@@ -544,7 +540,7 @@ class ExportDecoder(nn.Module):
 
         def norm(mod) -> RMSNorm:
             return RMSNorm(mod.weight, getattr(mod, "variance_epsilon", getattr(mod, "eps", eps)),
-                           delegate_friendly_norm, norm_div)
+                           delegate_friendly_norm)
 
         layers = []
         split = (n_heads * head_dim, n_kv * head_dim, n_kv * head_dim)
@@ -585,40 +581,43 @@ class ExportDecoder(nn.Module):
 
     def forward(self, *inputs):
         ctx = self.cache.prepare(self, *inputs)
-        sp = self.spec
         bthd = self.cache.layout == "bthd"
         cos, sin = ctx.cos, ctx.sin
         if not self.cache.applies_rope:
             cos = cos[:, :, None, :] if bthd else cos[:, None, :, :]
             sin = sin[:, :, None, :] if bthd else sin[:, None, :, :]
         h = self.embed_tokens(ctx.input_ids)
-        b, t = ctx.input_ids.shape[0], ctx.input_ids.shape[1]
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             x = layer.input_layernorm(h)
             if self.cache.packed_qkv and a.qkv_proj is not None and a.q_norm is None and self.cache.applies_rope:
                 # the strategy's fused op takes the qkv matmul output as is (no split, no reshapes)
-                h = h + a.o_proj(self.cache.attend_packed(i, a.qkv_proj(x), ctx))
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
-                continue
-            q, k, v = a.project(x)
-            q = q.view(b, t, sp.num_heads, sp.head_dim)
-            k = k.view(b, t, sp.num_kv_heads, sp.head_dim)
-            v = v.view(b, t, sp.num_kv_heads, sp.head_dim)
-            if a.q_norm is not None:
-                q, k = a.q_norm(q), a.k_norm(k)
-            if not bthd:
-                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            if not self.cache.applies_rope:
-                q = apply_rope(q, cos, sin, sp.rotary_dim, sp.head_dim, self.rotate_half_w)
-                k = apply_rope(k, cos, sin, sp.rotary_dim, sp.head_dim, self.rotate_half_w)
-            attn = self.cache.attend(i, q, k, v, ctx)
+                attn = self.cache.attend_packed(i, a.qkv_proj(x), ctx)
+            else:
+                attn = self._attend(i, a, x, cos, sin, ctx)
             h = h + a.o_proj(attn)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         if self.last_logits_only:
             h = h[:, -1:, :]      # one slice_copy (portable kernel: XNNPACK takes no dynamic-axis slice)
         logits = self.lm_head(self.norm(h))
         return self.cache.outputs(logits, ctx)
+
+    def _attend(self, i: int, a: Attention, x: torch.Tensor, cos, sin, ctx: AttnContext) -> torch.Tensor:
+        """Project q/k/v, split heads, per-head norm, layout and RoPE as the strategy wants; attend."""
+        sp = self.spec
+        b, t = x.shape[0], x.shape[1]
+        q, k, v = a.project(x)
+        q = q.view(b, t, sp.num_heads, sp.head_dim)
+        k = k.view(b, t, sp.num_kv_heads, sp.head_dim)
+        v = v.view(b, t, sp.num_kv_heads, sp.head_dim)
+        if a.q_norm is not None:
+            q, k = a.q_norm(q), a.k_norm(k)
+        if self.cache.layout != "bthd":
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if not self.cache.applies_rope:
+            q = apply_rope(q, cos, sin, sp.rotary_dim, sp.head_dim, self.rotate_half_w)
+            k = apply_rope(k, cos, sin, sp.rotary_dim, sp.head_dim, self.rotate_half_w)
+        return self.cache.attend(i, q, k, v, ctx)
 
     def io_description(self) -> dict:
         sp = self.spec

@@ -440,7 +440,7 @@ def export_onnx(job) -> dict:
     extra_facts: dict = {}
     timings: dict = {}
     t0 = time.perf_counter()
-    # fuse_projections recipes also get ORT's fused norms (the same switch: "ORT-fusable graph")
+    # fuse_projections recipes also get ORT's fused norms (one switch: "the graph ORT runs fastest")
     fuse = opts.fuse_projections
     if q.scheme == "none":
         fused = export_decoder_onnx(dec, final, opts.opset, fuse=fuse)

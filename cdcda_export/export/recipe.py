@@ -85,7 +85,7 @@ class OnnxOptions:
     engine: str = field(default="decoder", metadata={"choices": ("decoder", "genai-builder")})
     # decoder engine: "gqa" = com.microsoft.GroupQueryAttention (fused, ONNX Runtime), "portable" = plain ONNX ops
     attention: str = field(default="gqa", metadata={"choices": ("gqa", "portable")})
-    fuse_projections: bool = True     # one qkv and one gate_up MatMul per layer; RMSNorm in ORT-fusable form
+    fuse_projections: bool = True     # one qkv and one gate_up MatMul per layer; norms fused for ORT
     share_kv_buffer: bool = True      # gqa: past/present are one max_seq_len buffer updated in place (IOBinding)
 
     def __post_init__(self):

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import RuntimeUnavailable
+from .base import RuntimeUnavailable, chunked_prefill
 
 ENGINE = "onnxruntime-genai"
 
@@ -55,27 +55,22 @@ class GenaiRunner:
         self.position = 0
 
     def _append(self, ids: Sequence[int]) -> np.ndarray:
+        """Feed ``ids``; the last fed position's logits as [1, vocab]."""
         t = len(ids)
         if self.position + t > self.max_seq_len:
             raise ValueError(f"{self.position + t} tokens exceed max_seq_len={self.max_seq_len}; call reset()")
         self.generator.append_tokens(np.asarray([ids], dtype=np.int32))
         self.position += t
-        return np.asarray(self.generator.get_logits(), dtype=np.float32).reshape(-1)
+        return np.asarray(self.generator.get_logits(), dtype=np.float32).reshape(1, -1)
 
     def prefill_last(self, token_ids: Sequence[int]) -> np.ndarray:
-        ids = [int(i) for i in token_ids]
-        if not ids:
-            raise ValueError("prefill needs at least one token")
-        return self._append(ids)
+        return chunked_prefill(self._append, token_ids, max(len(token_ids), 1))[-1]   # the whole prompt in one call
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
-        ids = [int(i) for i in token_ids]
-        if not ids:
-            raise ValueError("prefill needs at least one token")
-        return np.stack([self._append([i]) for i in ids])
+        return chunked_prefill(self._append, token_ids, 1)   # every position: one token per call
 
     def decode(self, token_id: int) -> np.ndarray:
-        return self._append([int(token_id)])
+        return self._append([int(token_id)])[-1]
 
 
 def load(artifact_dir: Path, manifest: dict, threads: int | None = None) -> GenaiRunner:
