@@ -36,6 +36,7 @@ sys.path.insert(0, str(BENCH))
 
 from _peers import base_model, llamacpp, optimum_et, ortgenai, ours, report, roofline  # noqa: E402
 from _peers.measure import PY, measure, python_env, run_json  # noqa: E402
+from device_harness.bench_runner import CHILD_ENV  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -151,7 +152,9 @@ def prepare_variants(args, base: Path, work: Path, logs: Path) -> list[dict]:
                 weights=roofline.pte_weight_bytes_per_token(pte, vocab=cfg["vocab_size"], hidden=cfg["hidden_size"],
                                                             embedding_bits=4 + 32 / 32),
                 cmd=(lambda o: lambda t, pf: optimum_et.worker_cmd(o, pf, args.gen_len, t))(out),
-                notes=["optimum-executorch 1.1.0 in its own venv (transformers==5.0.0rc1)"]))
+                env=CHILD_ENV,   # as our ExecuTorch runs: one OpenMP thread for libtorch's MKL in custom_sdpa
+                notes=["optimum-executorch 1.1.0 in its own venv (transformers==5.0.0rc1)",
+                       "run with OMP_NUM_THREADS=1 MKL_NUM_THREADS=1, as cdcda bench runs ExecuTorch"]))
         except Exception as e:  # noqa: BLE001
             variants.append(dict(id="optimum-et-8da4w", toolchain="optimum-executorch", quant="8da4w",
                                  format="executorch", error=f"{type(e).__name__}: {str(e)[-800:]}"))
@@ -254,7 +257,7 @@ def run_variant(v: dict, threads: int, args, dev: dict, prompt: dict, prompt_fil
         res["artifact"]["toolchain"] = "cdcda"
         res["artifact"]["name"] = v["id"]
         return res
-    env = python_env()
+    env = {**python_env(), **v.get("env", {})}
     recs = measure(v["cmd"](threads, prompt_file), runs=args.runs, warmup=args.warmup, env=env,
                    log=logs / f"{v['id']}.log", timeout=args.timeout)
     measured = [r for r in recs if not r.get("warmup") and not r.get("error")]

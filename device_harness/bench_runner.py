@@ -42,6 +42,16 @@ PRELOAD = {
 # ``--engine`` choices that replace the format's default runtime (and what they preload)
 ENGINE_PRELOAD = {"onnxruntime-genai": ("numpy", "onnxruntime_genai")}
 HEAVY = ("torch", "transformers", "peft", "torchao", "coremltools", "onnx")
+# Environment of every measured child. ExecuTorch's Python kernel library for llama::custom_sdpa
+# links libtorch, whose MKL runs each attention GEMM in an OpenMP team sized by OMP_NUM_THREADS
+# (default: all cores). The runner's torch.set_num_threads(1) sets that for the main thread only
+# (OpenMP and MKL thread settings are per thread), so custom_sdpa called on a worker thread of
+# ExecuTorch's own threadpool opened a second team on top of it: 2 threads x 2 OpenMP threads on
+# 2 cores. Measured on the 135M 8da8w .pte at 2 threads: TTFT 251-275 ms without, 102-108 ms with
+# OMP_NUM_THREADS=1 (the C++ llama_main links no libtorch, so it never has this second pool).
+# libgomp reads it once at load, so it must be in the environment before torch is imported.
+# ONNX Runtime and Core ML use no OpenMP; torch in a child carries only I/O.
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _now_ms() -> float:
@@ -100,7 +110,8 @@ def child(args: argparse.Namespace) -> int:
 
 
 def _runtime_versions(runner) -> dict:
-    out = {"python": platform.python_version(), "format": runner.manifest.get("format")}
+    out = {"python": platform.python_version(), "format": runner.manifest.get("format"),
+           **{k.lower(): os.environ.get(k) for k in CHILD_ENV}}
     for mod in ("numpy", "onnxruntime", "onnxruntime_genai", "executorch", "torch", "coremltools"):
         m = sys.modules.get(mod)
         if m is not None:
@@ -192,7 +203,7 @@ def supervise(args: argparse.Namespace) -> int:
 
     emit(info_line)
     here = os.path.abspath(__file__)
-    env = dict(os.environ)
+    env = {**os.environ, **CHILD_ENV}
     env["PYTHONPATH"] = os.path.dirname(here) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, here, "child", "--artifact", args.artifact, "--prompt-file", args.prompt_file,
            "--gen-len", str(args.gen_len)]

@@ -84,6 +84,10 @@ def test_host_bench_executorch(tiny_artifact, tmp_path):
     res = bench(art, "host", CFG, json_out=tmp_path / "b.json")
     _check_result(res, "executorch", "host")
     assert res["config"]["runtime"]["executorch"]
+    # the measured child runs with one OpenMP/MKL thread, whatever the caller's environment
+    # (bench_runner.CHILD_ENV: libtorch's MKL inside custom_sdpa must not open a second pool)
+    assert res["config"]["runtime"]["omp_num_threads"] == "1"
+    assert res["config"]["runtime"]["mkl_num_threads"] == "1"
     # load_ms is the model load; importing torch + ExecuTorch is timed apart (import_ms)
     assert all(r["import_ms"] > 0 for r in res["runs"])
 
