@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-repack", type=int, default=1,
                     help="1: also measure llama.cpp Q8_0/Q4_0 with its extra buffer types (weight repacking) on "
                     "(they crashed on multi-token prompts on an AMX machine; a crash is recorded, not fatal)")
-    ap.add_argument("--no-export", action="store_true", help="measure only artifacts already built (ours and optimum-executorch)")
+    ap.add_argument("--no-export", action="store_true", help="export no missing artifact: measure those already built (ours and optimum-executorch); "
+                    "a cached one of ours that is stale (exporter code, recipe or library versions changed) is "
+                    "still rebuilt, so no table mixes exporter versions")
     ap.add_argument("--name", default=None, help="results base name (default peers_<arch>)")
     ap.add_argument("--results", type=Path, default=BENCH / "results")
     ap.add_argument("--work", type=Path, default=BENCH / ".cache")

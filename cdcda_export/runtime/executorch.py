@@ -16,6 +16,11 @@ the method and XNNPACK packs its weights on the first execute, which ``llama_mai
 ``Module::load_method`` and the pybindings do lazily. So ``load`` pays it, as in ExecuTorch's own
 runner, and TTFT is the prompt's prefill alone.
 
+Threads: ``threads`` sizes ExecuTorch's own threadpool (XNNPACK and the custom ops use it). The custom-op
+library links libtorch, whose MKL opens an OpenMP team per calling thread unless ``OMP_NUM_THREADS=1`` was
+in the environment when torch was imported; ``cdcda bench`` children set it (``bench_runner.CHILD_ENV``).
+A process that loads a .pte with threads > 1 after importing torch without it gets a slower prefill.
+
 Imports only numpy and the ExecuTorch runtime (pybindings, which use torch tensors for I/O) plus
 the kernel libraries the program calls: ``llama::update_cache``/``custom_sdpa`` and the quantized
 embedding kernels. Nothing from the exporters.
