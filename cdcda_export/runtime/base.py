@@ -48,12 +48,18 @@ class Runner(Protocol):
     def decode(self, token_id: int) -> np.ndarray: ...               # [vocab] float32
 
 
-def chunked_prefill(run: Callable[[list[int]], np.ndarray], token_ids: Sequence[int], prefill_len: int) -> np.ndarray:
+def chunked_prefill(run: Callable[[list[int]], np.ndarray], token_ids: Sequence[int], prefill_len: int,
+                    *, last: bool = False) -> np.ndarray:
     """Feed ``token_ids`` in chunks of at most ``prefill_len`` through ``run`` (one model call each);
-    return the float32 logits of every fed position, [T, vocab]. Shared by every format's runner."""
+    return the float32 logits of every fed position, [T, vocab], or with ``last`` only the last
+    position's [vocab] (no copy of the other positions: the TTFT path). Shared by every format's runner."""
     ids = [int(i) for i in token_ids]
     if not ids:
         raise ValueError("prefill needs at least one token")
+    if last:
+        for i in range(0, len(ids), prefill_len):
+            logits = run(ids[i:i + prefill_len])
+        return logits[-1].astype(np.float32, copy=False)
     chunks = [run(ids[i:i + prefill_len]) for i in range(0, len(ids), prefill_len)]
     return np.concatenate(chunks, axis=0).astype(np.float32, copy=False)
 

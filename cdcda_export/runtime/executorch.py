@@ -123,7 +123,7 @@ class ExecuTorchRunner:
 
     def prefill_last(self, token_ids: Sequence[int]) -> np.ndarray:
         """Feed the prompt in ``prefill_len`` chunks; only the last position's logits [vocab]."""
-        return chunked_prefill(self._run, token_ids, self.prefill_len)[-1]
+        return chunked_prefill(self._run, token_ids, self.prefill_len, last=True)
 
     def decode(self, token_id: int) -> np.ndarray:
         return self._run([int(token_id)])[-1].astype(np.float32, copy=False)

@@ -64,7 +64,7 @@ class GenaiRunner:
         return np.asarray(self.generator.get_logits(), dtype=np.float32).reshape(1, -1)
 
     def prefill_last(self, token_ids: Sequence[int]) -> np.ndarray:
-        return chunked_prefill(self._append, token_ids, max(len(token_ids), 1))[-1]   # the whole prompt in one call
+        return chunked_prefill(self._append, token_ids, max(len(token_ids), 1), last=True)   # the whole prompt in one call
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         return chunked_prefill(self._append, token_ids, 1)   # every position: one token per call
