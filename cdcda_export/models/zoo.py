@@ -156,8 +156,13 @@ def init_model(arch: str, out: str | Path, *, seed: int = 0, force: bool = False
 
     from ..utils import atomic_dir, write_json_atomic
 
+    from .gguf import PACKAGED, init_real
+
+    if arch in PACKAGED:   # real pretrained weights from an installed package (no random init)
+        return init_real(arch, out, force=force)
     if arch not in ARCHS:
-        raise UserError(f"architecture {arch!r} is not known", field="--arch", expected=f"one of {', '.join(ARCHS)}")
+        raise UserError(f"architecture {arch!r} is not known", field="--arch",
+                        expected=f"one of {', '.join([*PACKAGED, *ARCHS])}")
     out = Path(out)
     if (out / "config.json").exists() and (out / "model.safetensors").exists() and not force:
         return out

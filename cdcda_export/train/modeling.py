@@ -8,15 +8,19 @@ from typing import Iterator
 
 from ..errors import UserError
 
-INIT_HINT = "point --base at a Hugging Face model directory, or create one: `cdcda init-model --arch tiny --out DIR`"
+INIT_HINT = ("point --base at a Hugging Face model directory or a .gguf file; the real SmolLM2-135M-Instruct: "
+             "`cdcda init-model --arch smollm2-135m-instruct --out DIR` (random weights: `--arch tiny`)")
 TRAIN_HINT = "train one first: `cdcda train --base DIR --task T --questions Q --outputs O --out ADAPTERS`"
 # Linear layers that are never LoRA targets by default (output head, classifier heads).
 _NOT_TARGETS = {"lm_head", "score", "classifier"}
 
 
 def check_base_dir(base: str | Path) -> Path:
-    """The base model directory, or a UserError naming what is missing."""
-    p = Path(base)
+    """The base model directory, or a UserError naming what is missing. A ``.gguf`` file is converted
+    once into a cached HF directory (:func:`cdcda_export.models.gguf.resolve_base`)."""
+    from ..models.gguf import resolve_base
+
+    p = resolve_base(base)
     if not p.is_dir():
         raise UserError("base model directory not found", file=str(p), field="--base", hint=INIT_HINT)
     if not (p / "config.json").is_file():

@@ -368,7 +368,7 @@ def train_users(base: Path, task: str, questions: Path, outputs: Path | None, ou
                max_steps=max_steps, lr=lr, batch_size=batch_size, max_seq_len=max_seq_len, seed=seed,
                holdout=holdout, synthetic_ratio=synthetic_ratio)
     hp.check()
-    check_base_dir(base)
+    base = check_base_dir(base)   # a .gguf base becomes its cached HF directory
     if synthetic is not None and not Path(synthetic).is_dir():
         raise UserError("synthetic data directory not found", file=str(synthetic), field="--synthetic",
                         expected="a `cdcda augment` output: DIR/<user>/*.jsonl",
@@ -378,7 +378,9 @@ def train_users(base: Path, task: str, questions: Path, outputs: Path | None, ou
     selected = ds.select(users)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base_info = {"source": str(base), "sha256": sha256_dir(base)}
+    from ..models.gguf import base_provenance
+
+    base_info = {"source": str(base), "sha256": sha256_dir(base), "provenance": base_provenance(base)}
 
     results: list[UserTrainResult] = []
     todo = []
