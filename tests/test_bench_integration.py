@@ -1,11 +1,13 @@
-"""Integration: real benches of tiny exported artifacts on the host and over a real loopback sshd.
+"""Integration: real benches of tiny exported artifacts on the host and over a real loopback SSH server.
 
-The sshd is started by the test itself on 127.0.0.1 on a free port, with a temporary host key and
-authorized_keys (``.ci/run`` installs openssh-server from Debian when it is missing).
+The SSH server is asyncssh (the ``test`` extra), started by the test itself on 127.0.0.1 on a free
+port with a temporary host key and one authorized client key: no system ``sshd`` and no root. The
+harness reaches it with the system ``ssh``/``scp`` clients (openssh-client), as it reaches a board.
 """
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import json
 import os
@@ -13,7 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -108,48 +110,151 @@ def test_cli_bench_then_report(onnx_art, tmp_path):
     assert bad.exit_code != 0 and "does not fit the artifact's max_seq_len" in str(bad.exception or bad.output)
 
 
-# ------------------------------------------------------------------ loopback sshd
+# ------------------------------------------------------------------ loopback SSH server
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def _sftp_server_class():
+    import asyncssh
+
+    class SftpServer(asyncssh.SFTPServer):
+        """asyncssh's SFTP server on the real filesystem, ending with an exit status as sftp-server does:
+        without one, OpenSSH 9's ``scp`` (SFTP by default) exits 1 after a successful copy."""
+
+        def exit(self) -> None:
+            self.channel.exit(0)
+
+    return SftpServer
+
+
+class LoopbackSshServer:
+    """A real SSH server (asyncssh, a pip package) on 127.0.0.1, run on its own event loop in a thread.
+
+    No system ``sshd`` or root is needed. It authenticates one temporary client key and executes each
+    requested command through ``/bin/sh -c`` in a real subprocess with a login-like environment, the
+    way sshd does, so ``mktemp``, ``python3 bench_runner.py``, ``rm -rf`` and ``rsync --server`` run
+    for real. File copies go through SFTP (OpenSSH 9's ``scp`` default) and legacy ``scp -t/-f``.
+    The harness talks to it with the system ``ssh``/``scp`` clients, exactly as to a board.
+    """
+
+    def __init__(self, d: Path):
+        self.d = d
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="loopback-ssh", daemon=True)
+        self.server = None
+        self.port = 0
+        self.procs: set = set()
+
+    # -------------------------------------------------------- set-up
+    def start(self) -> "LoopbackSshServer":
+        import asyncssh
+
+        host_key = asyncssh.generate_private_key("ssh-ed25519")
+        client_key = asyncssh.generate_private_key("ssh-ed25519")
+        client_key.write_private_key(str(self.d / "client_key"))
+        os.chmod(self.d / "client_key", 0o600)
+        (self.d / "authorized_keys").write_bytes(client_key.export_public_key())
+        self.thread.start()
+        _SftpServer = _sftp_server_class()
+
+        async def listen():
+            return await asyncssh.listen(
+                "127.0.0.1", 0, server_host_keys=[host_key],
+                authorized_client_keys=str(self.d / "authorized_keys"), process_factory=self._run_command,
+                encoding=None, sftp_factory=_SftpServer, allow_scp=True, password_auth=False, kbdint_auth=False)
+
+        self.server = self._call(listen())
+        self.port = self.server.get_port()
+        pub = host_key.export_public_key().decode().split()
+        (self.d / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n")
+        return self
+
+    def stop(self) -> None:
+        async def close():
+            for p in list(self.procs):
+                if p.returncode is None:
+                    p.kill()
+            self.server.close()
+            await self.server.wait_closed()
+
+        try:
+            if self.server is not None:
+                self._call(close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+            if not self.thread.is_alive():
+                self.loop.close()
+
+    def _call(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    # -------------------------------------------------------- one exec request
+    async def _run_command(self, process) -> None:
+        if not process.command:   # an interactive shell: the harness never asks for one
+            process.stderr.write(b"loopback server: commands only\n")
+            process.exit(1)
+            return
+        home = os.path.expanduser("~")
+        env = {"HOME": home, "USER": getpass.getuser(), "LOGNAME": getpass.getuser(), "SHELL": "/bin/sh",
+               "PATH": "/usr/local/bin:/usr/bin:/bin"}
+        env.update({k: v for k, v in (process.env or {}).items()
+                    if isinstance(k, str) and (k == "LANG" or k.startswith("LC_"))})
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", process.command, cwd=home, env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        self.procs.add(proc)
+
+        async def feed_stdin():
+            try:
+                while chunk := await process.stdin.read(65536):
+                    proc.stdin.write(chunk)
+                    await proc.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            finally:
+                proc.stdin.close()
+
+        async def pump(src, dst):
+            while chunk := await src.read(65536):
+                dst.write(chunk)
+                await dst.drain()
+
+        stdin_task = asyncio.ensure_future(feed_stdin())
+        try:
+            await asyncio.gather(pump(proc.stdout, process.stdout), pump(proc.stderr, process.stderr))
+            rc = await proc.wait()
+        finally:   # a client that went away leaves no command running
+            if proc.returncode is None:
+                proc.kill()
+            self.procs.discard(proc)
+            stdin_task.cancel()
+        process.exit(rc if rc >= 0 else 128 - rc)
+
+
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
-    sshd_bin = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
-    assert sshd_bin, "sshd is missing: apt-get install -y openssh-server (.ci/run does this)"
+    """An :class:`SshDevice` pointed at a loopback SSH server this fixture starts (no system sshd)."""
+    missing = [c for c in ("ssh", "scp") if shutil.which(c) is None]
+    if missing:   # the harness drives boards with the system client; CI (.ci/run) installs it
+        msg = f"{' and '.join(missing)} missing: apt-get install -y openssh-client"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
     d = tmp_path_factory.mktemp("sshd")
     os.chmod(d, 0o700)
-    for name in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    shutil.copy(d / "client_key.pub", d / "authorized_keys")
-    os.chmod(d / "authorized_keys", 0o600)
-    port = _free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nPidFile {d / 'sshd.pid'}\n"
-        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-        "PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\n"
-        "Subsystem sftp internal-sftp\n")
-    if os.geteuid() == 0:
-        os.makedirs("/run/sshd", exist_ok=True)   # privilege separation directory
-    proc = subprocess.Popen([sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE, text=True)
-    pub = (d / "host_key.pub").read_text().split()
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {pub[0]} {pub[1]}\n")
-    dev = SshDevice("127.0.0.1", getpass.getuser(), port, identity=str(d / "client_key"),
-                    known_hosts=str(d / "known_hosts"), python=sys.executable)
-    deadline = time.time() + 20
-    while True:
-        r = subprocess.run(dev.ssh_argv("echo ready"), capture_output=True, text=True)
-        if r.returncode == 0 and "ready" in r.stdout:
-            break
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"sshd did not come up: {r.stderr} {proc.stderr.read() if proc.poll() is not None else ''}")
-        time.sleep(0.3)
-    yield dev
-    proc.terminate()
-    proc.wait(timeout=10)
+    server = LoopbackSshServer(d).start()
+    try:
+        dev = SshDevice("127.0.0.1", getpass.getuser(), server.port, identity=str(d / "client_key"),
+                        known_hosts=str(d / "known_hosts"), python=sys.executable)
+        r = subprocess.run(dev.ssh_argv("echo ready"), capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and r.stdout.strip() == "ready", f"loopback SSH server: {r.returncode} {r.stderr}"
+        yield dev
+    finally:
+        server.stop()
 
 
 def test_ssh_bench_against_loopback_sshd(sshd, onnx_art):
