@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from cdcda_export.errors import UserError
+from cdcda_export.runtime.base import verify_artifact
 from cdcda_export.utils import now_iso, write_json_atomic
 
 from . import parsers
@@ -43,6 +44,9 @@ def bench(artifact: str | Path, device: str | Device = "host", cfg: BenchConfig 
     cfg.validate()
     art = Path(artifact)
     manifest = read_artifact(art)
+    # every listed file has its recorded size and sha256 (once per artifact per process), before
+    # anything is copied to a device; the measured children then skip the check
+    verify_artifact(art, manifest)
     _check_fits(art, manifest, cfg)
     if cfg.engine and manifest.get("format") not in ENGINE_FORMATS[cfg.engine]:
         raise UserError(f"--engine {cfg.engine} runs {', '.join(ENGINE_FORMATS[cfg.engine])} artifacts, not "

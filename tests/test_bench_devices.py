@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -132,7 +133,7 @@ def test_bundle_has_runtime_and_no_exporters(tmp_path):
 
     b = build_bundle(tmp_path / "b", {"ids": [1, 2], "seed": 0, "sha256": "x"})
     names = {p.relative_to(b).as_posix() for p in b.rglob("*.py")}
-    assert {"bench_runner.py", "cdcda_export/__init__.py", "cdcda_export/runtime/__init__.py",
+    assert {"bench_runner.py", "cdcda_export/__init__.py", "cdcda_export/errors.py", "cdcda_export/runtime/__init__.py",
             "cdcda_export/runtime/base.py"} <= names
     assert not any(n.startswith(("cdcda_export/export", "cdcda_export/train", "device_harness")) for n in names)
     assert json.loads((b / "prompt.json").read_text())["ids"] == [1, 2]
@@ -181,7 +182,8 @@ def test_adb_bench_flow_with_a_stand_in_adb(tmp_path):
     tok.save(str(art / "tokenizer.json"))
     (art / "model.pte").write_bytes(b"\0" * 1000)
     (art / "manifest.json").write_text(json.dumps({"format": "executorch", "recipe": {"name": "xnnpack-fp32"},
-                                                   "files": {"model.pte": {"sha256": "x", "bytes": 1000}},
+                                                   "files": {"model.pte": {"sha256": hashlib.sha256(b"\0" * 1000).hexdigest(),
+                                                                         "bytes": 1000}},
                                                    "io": {"max_seq_len": 256}}))
     observer = "\n".join(ln for ln in (rec / "llama_main_android.txt").read_text().splitlines()
                          if not ln.startswith("CDCDA_"))

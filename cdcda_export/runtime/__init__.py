@@ -1,7 +1,9 @@
 """Run exported artifacts: ``load(ART)`` returns a :class:`~cdcda_export.runtime.base.Runner`.
 
 Dispatches on ``manifest.json``'s ``format``; each format's runner lives in its own module and
-imports its runtime lazily (``executorch`` / ``onnxruntime`` / ``coremltools``).
+imports its runtime lazily (``executorch`` / ``onnxruntime`` / ``coremltools``). Before loading,
+the files the manifest lists are checked (sizes, sha256; once per artifact per process), and a
+load that still fails is a :class:`~cdcda_export.errors.UserError` naming the model file.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from .base import GenerationResult, Runner, RuntimeUnavailable, greedy_generate, read_manifest
+from ..errors import UserError
+from .base import (GenerationResult, Runner, RuntimeUnavailable, greedy_generate, model_file, read_manifest,
+                   reexport_hint, verify_artifact)
 
 _RUNNERS = {
     "executorch": "cdcda_export.runtime.executorch",
@@ -18,14 +22,39 @@ _RUNNERS = {
 }
 
 
-def load(artifact_dir: str | Path, **options) -> Runner:
-    """Load an artifact directory. ``options`` go to the format's runner (e.g. ``threads=1``)."""
-    manifest = read_manifest(artifact_dir)
+def load(artifact_dir: str | Path, *, verify: bool = True, **options) -> Runner:
+    """Load an artifact directory. ``options`` go to the format's runner (e.g. ``threads=1``).
+
+    ``verify`` (default): check the manifest's file sizes and sha256 first (:func:`verify_artifact`,
+    cached per process). The bench runner's measured children pass ``verify=False``: the harness
+    verified the artifact on the host before copying it, and hashing must not count as load time.
+    Raises :class:`UserError` for a damaged artifact or a model the runtime cannot load, and
+    :class:`RuntimeUnavailable` when this host cannot run the format at all.
+    """
+    art = Path(artifact_dir)
+    manifest = read_manifest(art)
     fmt = manifest.get("format")
     if fmt not in _RUNNERS:
-        raise ValueError(f"{artifact_dir}/manifest.json: format {fmt!r} is not known; known: {', '.join(_RUNNERS)}")
+        raise UserError(f"format {fmt!r} is not known", file=str(art / "manifest.json"), field="format",
+                        expected=" | ".join(_RUNNERS), hint=reexport_hint(art, manifest))
     module = importlib.import_module(_RUNNERS[fmt])
-    return module.load(Path(artifact_dir), manifest, **options)
+    engine = options.get("engine")
+    if engine not in (None, "") and hasattr(module, "ENGINES") and engine not in module.ENGINES:
+        raise ValueError(f"{fmt} engine {engine!r} is not known; known: {', '.join(module.ENGINES)}")
+    if verify:
+        verify_artifact(art, manifest)
+    try:
+        return module.load(art, manifest, **options)
+    except (UserError, RuntimeUnavailable):
+        raise
+    except KeyError as e:   # the runner read a key the manifest lacks
+        raise UserError(f"key {e} missing: the runner for format {fmt!r} needs it", file=str(art / "manifest.json"),
+                        hint=reexport_hint(art, manifest)) from e
+    except Exception as e:  # noqa: BLE001 - whatever the runtime raises on a file it cannot load
+        model = model_file(art, manifest)
+        detail = " ".join(str(e).split())[:600] or type(e).__name__
+        raise UserError(f"the {fmt} runtime could not load it: {type(e).__name__}: {detail}", file=str(model),
+                        hint=reexport_hint(art, manifest)) from e
 
 
 def load_tokenizer(artifact_dir: str | Path):
@@ -35,4 +64,5 @@ def load_tokenizer(artifact_dir: str | Path):
     return Tokenizer.from_file(str(Path(artifact_dir) / "tokenizer.json"))
 
 
-__all__ = ["load", "load_tokenizer", "Runner", "GenerationResult", "RuntimeUnavailable", "greedy_generate", "read_manifest"]
+__all__ = ["load", "load_tokenizer", "Runner", "GenerationResult", "RuntimeUnavailable", "greedy_generate", "read_manifest",
+           "verify_artifact"]

@@ -8,18 +8,28 @@ position alone); ``generate`` uses it when present. ``generate`` is greedy decod
 on top of the two, shared by all formats, and reports its timings.
 
 This package is what travels to a phone, board or emulator with the bench runner: it imports
-neither the exporters nor training code, only numpy, the runtimes and ``tokenizers``.
+neither the exporters nor training code, only numpy, the runtimes and ``tokenizers`` (and
+``cdcda_export.errors``, stdlib only, which travels with it).
+
+Before a model is loaded, :func:`verify_artifact` checks the files the manifest lists
+(``files: {name: {sha256, bytes}}``) once per artifact per process, so a truncated, missing or
+swapped file is named in a :class:`~cdcda_export.errors.UserError` instead of failing deep inside
+a runtime.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+from ..errors import UserError
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -65,13 +75,149 @@ def chunked_prefill(run: Callable[[list[int]], np.ndarray], token_ids: Sequence[
 
 
 def read_manifest(artifact_dir: str | Path) -> dict:
-    p = Path(artifact_dir) / "manifest.json"
+    """``manifest.json`` of an artifact directory; a :class:`UserError` naming it when missing or broken."""
+    art = Path(artifact_dir)
+    p = art / "manifest.json"
+    if not art.is_dir():
+        raise UserError("artifact directory not found", file=str(art),
+                        hint="export one with `cdcda export --base BASE --recipe RECIPE --out ART`")
     if not p.is_file():
-        raise FileNotFoundError(
-            f"{p}: no manifest.json; this is not a complete artifact directory "
-            "(an interrupted export leaves none). Re-run `cdcda export ...` to build it."
-        )
-    return json.loads(p.read_text(encoding="utf-8"))
+        raise UserError("no manifest.json; this is not a complete artifact directory (an interrupted export "
+                        "leaves none)", file=str(art), hint="re-run `cdcda export ...` to build it")
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"not valid JSON ({e})", file=str(p), hint="re-run `cdcda export ...` to rebuild the "
+                        "artifact") from None
+    if not isinstance(m, dict):
+        raise UserError(f"a JSON {type(m).__name__}, not an object", file=str(p), expected="the manifest "
+                        "`cdcda export` writes", hint="re-run `cdcda export ...` to rebuild the artifact")
+    return m
+
+
+# ---------------------------------------------------------------- artifact file verification
+# artifact dir (resolved) -> stat signature of manifest + listed files when they last verified.
+_VERIFIED: dict[str, tuple] = {}
+MODEL_SUFFIXES = (".pte", ".onnx", ".mlpackage", ".mlmodelc", ".mlmodel")
+
+
+def reexport_hint(artifact_dir: str | Path, manifest: dict) -> str:
+    """``cdcda export ...`` that rebuilds this artifact, from what its manifest records."""
+    base = (manifest.get("base_model") or {}).get("source") if isinstance(manifest.get("base_model"), dict) else None
+    adapter = (manifest.get("adapter") or {}).get("source") if isinstance(manifest.get("adapter"), dict) else None
+    rec = manifest.get("recipe") if isinstance(manifest.get("recipe"), dict) else {}
+    name = rec.get("name")
+    recipe = f"{manifest.get('format')}/{name}" if name and manifest.get("format") and "/" not in str(name) else name
+    parts = ["cdcda export", f"--base {base or 'BASE'}"] + ([f"--adapter {adapter}"] if adapter else [])
+    parts += [f"--recipe {recipe or 'RECIPE'}", f"--out {artifact_dir}", "--force"]
+    return "re-export the artifact: " + " ".join(parts)
+
+
+def model_file(artifact_dir: str | Path, manifest: dict) -> Path:
+    """The artifact's model file (``io.model_file``, else the first listed model-format file)."""
+    io = manifest.get("io") if isinstance(manifest.get("io"), dict) else {}
+    if io.get("model_file"):
+        return Path(artifact_dir) / str(io["model_file"])
+    files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    for name in sorted(files):
+        top = str(name).split("/")[0]
+        if top.endswith(MODEL_SUFFIXES):
+            return Path(artifact_dir) / top
+    return Path(artifact_dir)
+
+
+def _file_table(artifact_dir: Path, manifest: dict) -> dict[str, tuple[str, int]]:
+    """``{name: (sha256, bytes)}`` from the manifest; a UserError for a malformed ``files`` entry."""
+    mp = str(artifact_dir / "manifest.json")
+    files = manifest.get("files")
+    if files is None:
+        return {}        # an older or hand-made manifest lists no files: nothing to verify
+    if not isinstance(files, dict):
+        raise UserError(f"a JSON {type(files).__name__}", file=mp, field="files",
+                        expected="{name: {sha256, bytes}}", hint=reexport_hint(artifact_dir, manifest))
+    out = {}
+    for name, info in files.items():
+        parts = Path(str(name)).parts
+        if not name or Path(str(name)).is_absolute() or ".." in parts:
+            raise UserError(f"file name {name!r} points outside the artifact directory", file=mp,
+                            field=f"files.{name}", hint=reexport_hint(artifact_dir, manifest))
+        sha = info.get("sha256") if isinstance(info, dict) else None
+        size = info.get("bytes") if isinstance(info, dict) else None
+        if not isinstance(sha, str) or len(sha) != 64 or not isinstance(size, int) or isinstance(size, bool) \
+                or size < 0:
+            raise UserError(f"entry is {info!r}", file=mp, field=f"files.{name}",
+                            expected="{sha256: 64 hex digits, bytes: int}", hint=reexport_hint(artifact_dir, manifest))
+        out[str(name)] = (sha.lower(), size)
+    return out
+
+
+def _signature(artifact_dir: Path, names) -> tuple:
+    """(name, size, mtime_ns, ctime_ns, inode) of the manifest and each listed file (None when missing)."""
+    sig = []
+    for name in ("manifest.json", *sorted(names)):
+        try:
+            st = os.stat(artifact_dir / name)
+            sig.append((name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+        except OSError:
+            sig.append((name, None))
+    return tuple(sig)
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def verify_artifact(artifact_dir: str | Path, manifest: dict | None = None) -> None:
+    """Check that every file ``manifest.json`` lists is there with its recorded size and sha256.
+
+    Raises a :class:`UserError` naming the first missing or differing file (and how many others
+    differ), with what was expected and the ``cdcda export`` command that rebuilds the artifact.
+    Files the manifest does not list are ignored. Sizes are checked for all files before any hash.
+    The result is cached per process by artifact path and by the (size, mtime, ctime, inode) of the
+    manifest and of every listed file, so a load after the first costs a few ``stat`` calls and a
+    file that changes on disk is verified again.
+    """
+    art = Path(artifact_dir)
+    if manifest is None:
+        manifest = read_manifest(art)
+    table = _file_table(art, manifest)
+    key = str(art.resolve())
+    sig = _signature(art, table)
+    if _VERIFIED.get(key) == sig:
+        return
+    problems: list[tuple[str, str, str]] = []   # (name, what is wrong, expected)
+    for name, (sha, size) in table.items():
+        p = art / name
+        if not p.is_file():
+            problems.append((name, "missing" if not p.exists() else "not a regular file",
+                             f"a file of {size} bytes, sha256 {sha[:16]}..."))
+        elif (got := p.stat().st_size) != size:
+            problems.append((name, f"is {got} bytes ({'truncated' if got < size else 'larger'})",
+                             f"{size} bytes as the manifest records"))
+    if not problems:
+        for name, (sha, size) in table.items():
+            try:
+                got = _sha256(art / name)
+            except OSError as e:
+                problems.append((name, f"cannot be read ({e.strerror or e})", "a readable file"))
+                continue
+            if got != sha:
+                problems.append((name, f"sha256 {got[:16]}... differs from the manifest's (damaged, or swapped in "
+                                       "from another artifact)", f"sha256 {sha}"))
+    if problems:
+        _VERIFIED.pop(key, None)
+        name, what, expected = problems[0]
+        more = ""
+        if len(problems) > 1:
+            more = f"; {len(problems) - 1} more: " + ", ".join(f"{n} ({w.split(' (')[0]})" for n, w, _ in problems[1:6])
+            more += " ..." if len(problems) > 6 else ""
+        raise UserError(f"{what}: the artifact does not match its manifest.json{more}", file=str(art / name),
+                        expected=expected, hint=reexport_hint(art, manifest))
+    _VERIFIED[key] = sig
 
 
 def greedy_generate(runner: Runner, prompt_ids: Sequence[int], max_new_tokens: int, *,
