@@ -28,8 +28,11 @@ def test_every_shipped_recipe_loads_and_is_listed():
 def test_onnx_recipes_content():
     r4, _ = resolve_recipe("onnx/int4")
     assert (r4.quantization.scheme, r4.quantization.block_size, r4.onnx.accuracy_level) == ("int4", 32, 4)
+    assert (r4.quantization.grid, r4.quantization.head_bits, r4.quantization.embeddings) == ("min-scale", 8, "same")
     r8, _ = resolve_recipe("onnx-int8")  # "<format>-<name>" alias
-    assert r8.quantization.scheme in ("int8", "int8-dynamic")
+    # weight-only int8, float compute: the near-lossless recipe holds the near-lossless gate
+    assert (r8.quantization.scheme, r8.quantization.block_size, r8.onnx.accuracy_level) == ("int8", 32, 0)
+    assert (r8.thresholds.mean_kl, r8.thresholds.top1_agreement, r8.thresholds.ppl_ratio) == (0.01, 0.97, 1.01)
     rf, _ = resolve_recipe("onnx/fp32")
     assert rf.quantization.scheme == "none" and rf.onnx.opset >= 17
 
@@ -50,6 +53,15 @@ def test_bad_recipe_names_key_value_and_allowed(tmp_path):
 def test_scheme_must_fit_format():
     with pytest.raises(ValidationErrors, match=r"'8da4w' is not allowed for format 'onnx'; allowed: none, int8-dynamic"):
         recipe_from_dict({"format": "onnx", "name": "x", "quantization": {"scheme": "8da4w"}})
+
+
+def test_bad_grid_and_mixed_precision_keys_are_named():
+    with pytest.raises(ValidationErrors) as ei:
+        recipe_from_dict({"format": "onnx", "name": "x", "quantization": {
+            "scheme": "int4", "grid": "q4_k", "head_bits": 6, "eight_bit": ["attn"]}})
+    msg = str(ei.value)
+    assert "quantization.grid: 'q4_k' is not allowed; allowed: None, symmetric, asymmetric, min-scale" in msg
+    assert "head_bits: 6 is not allowed; allowed: 4, 8" in msg
 
 
 def test_bad_numbers_are_named():

@@ -271,45 +271,167 @@ def count_ops(path: Path) -> dict[str, int]:
     return out
 
 
-def _share_tied_int4_embedding(proto, block: int) -> bool:
-    """Tied embeddings: let the int4 embedding Gather read the int4 lm_head's weights (as ORT GenAI's
-    builder does) instead of a second int4 copy of the same table. Returns whether it was shared."""
+def _tie_embedding_to_head(proto, bits: int, block: int) -> bool:
+    """Tied embeddings: replace the float embedding ``Gather`` by a ``GatherBlockQuantized`` that reads the
+    quantized lm_head's own weights and scales (as ORT GenAI's builder does), so the table is stored once,
+    at the head's precision. Only for a symmetric head (no zero points: GatherBlockQuantized takes no float
+    zero points, and the head's default zero point is what it assumes). Returns whether it was done."""
     import numpy as np
     from onnx import helper, numpy_helper
 
     g = proto.graph
     inits = {i.name: i for i in g.initializer}
-    gbq = [n for n in g.node if n.op_type == "GatherBlockQuantized"]
-    emb = [n for n in gbq if len(n.input) >= 3 and n.input[0] in inits]
     lm = [n for n in g.node if n.op_type == "MatMulNBits" and "logits" in n.output]
-    if len(emb) != 1 or len(lm) != 1 or len(lm[0].input) != 3:   # zero points (asymmetric): keep both copies
+    if len(lm) != 1 or len(lm[0].input) != 3:
         return False
-    emb, lm = emb[0], lm[0]
+    lm = lm[0]
     attrs = {a.name: helper.get_attribute_value(a) for a in lm.attribute}
     n_rows, k = int(attrs["N"]), int(attrs["K"])
-    data, scales = inits[emb.input[0]], inits[emb.input[2]]
-    if k % block or int(attrs.get("block_size", 0)) != block or list(data.dims) != [n_rows, k]:
+    if int(attrs.get("bits", 4)) != bits or int(attrs.get("block_size", 0)) != block or k % block:
         return False
-    shape_name = f"{emb.name}_tied_shape"
-    g.initializer.append(numpy_helper.from_array(np.array([n_rows, k // 2], dtype=np.int64), shape_name))
-    flat = f"{emb.name}_tied_weight"
-    reshape = helper.make_node("Reshape", [lm.input[1], shape_name], [flat], name=f"{emb.name}_tied_reshape")
-    old_inputs = list(emb.input)
-    emb.input[0], emb.input[2] = flat, lm.input[2]
-    del emb.attribute[:]
-    emb.attribute.extend([helper.make_attribute("bits", 4), helper.make_attribute("block_size", block),
-                          helper.make_attribute("gather_axis", 0), helper.make_attribute("quantize_axis", 1)])
+    emb = [n for n in g.node if n.op_type in ("Gather", "GatherBlockQuantized") and n.input[0] in inits
+           and inits[n.input[0]].dims[0] == n_rows]
+    if len(emb) != 1:
+        return False
+    emb = emb[0]
+    old = [x for x in emb.input if x in inits]
+    shape_name, flat = f"{lm.name}_tied_shape", f"{lm.name}_tied_weight"
+    g.initializer.append(numpy_helper.from_array(np.array([n_rows, k * bits // 8], dtype=np.int64), shape_name))
     idx = list(g.node).index(emb)
-    g.node.insert(idx, reshape)
-    for name in (old_inputs[0], old_inputs[2]):
+    # the head's scales are [N, K / block] already: what GatherBlockQuantized reads for data [N, K]
+    gbq = helper.make_node("GatherBlockQuantized", [flat, emb.input[1], lm.input[2]], list(emb.output),
+                           name=f"{emb.name}_tied", domain="com.microsoft", bits=bits, block_size=block,
+                           gather_axis=0, quantize_axis=1)
+    g.node.remove(emb)
+    for node in reversed([helper.make_node("Reshape", [lm.input[1], shape_name], [flat], name=f"{flat}_reshape"),
+                          gbq]):
+        g.node.insert(idx, node)
+    for name in old:
         if not any(name in n.input for n in g.node):
             g.initializer.remove(inits[name])
     return True
 
 
-def _quantize(src: Path, dst: Path, recipe, work: Path, tied: bool = False) -> dict:
+def _linear_kind(node, inits, spec) -> str:
+    """Which linear a weight MatMul is, from its weight shape [K, N] (names are lost in the dynamo export)."""
+    k, n = (list(inits[node.input[1]].dims) + [0, 0])[:2]
+    if "logits" in node.output:
+        return "lm_head"
+    if spec is not None and k == spec.intermediate_size and n == spec.hidden_size and k != n:
+        return "down_proj"
+    return "linear"
+
+
+def _min_scale_quantizer(cfg):
+    """ONNX Runtime's HQQ node quantizer with the optimisation and the zero-point rounding turned off: per
+    block, scale = (max - min) / (2^bits - 1) and zero point = -min / scale kept in float (MatMulNBits takes
+    float zero points). That is llama.cpp Q4_1's grid (w = d*q + m), so a base dequantized from Q4_1 with the
+    same block size is reproduced exactly, and an off-grid (LoRA-merged) weight keeps a min-max grid."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    class MinScaleQuantizer(mnq.HQQWeightOnlyQuantizer):
+        def quantize_internal(self, tensor, bits=4, channel_wise=True, group_size=64, optimize=True,
+                              round_zero=True, axis=1):
+            return super().quantize_internal(tensor, bits, channel_wise, group_size, optimize=False,
+                                             round_zero=False, axis=axis)
+
+    return MinScaleQuantizer(cfg)
+
+
+def _q8_0_rule(proto, floats: dict, block: int) -> None:
+    """Re-round ONNX Runtime's symmetric 8-bit blocks with llama.cpp Q8_0's rule, in place.
+
+    ORT's symmetric 8-bit quantizer maps the signed extreme of a block to -128 (scale = extreme / -128, the
+    Q4_0 convention carried to 8 bit); Q8_0 uses scale = max|w| / 127 and q = round(w / scale). On a base
+    dequantized from Q8_0 (SmolLM2's embedding, so its tied lm_head) only Q8_0's rule lands every weight on
+    its own grid point, and off grid the two differ by < half a step. MatMulNBits' 8-bit layout is kept:
+    data [N, K/block, block] uint8 holding q + 128 (its default zero point), scales [N, K/block]."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type != "MatMulNBits" or node.name.rsplit("_Q8", 1)[0] not in floats or len(node.input) != 3:
+            continue
+        w = floats[node.name.rsplit("_Q8", 1)[0]].T.astype(np.float32)     # [N, K]
+        n, k = w.shape
+        blocks = w.reshape(n, k // block, block)
+        scale = np.abs(blocks).max(-1) / 127.0
+        safe = np.where(scale == 0, 1.0, scale)[..., None]
+        q = (np.clip(np.rint(blocks / safe), -127, 127) + 128).astype(np.uint8)
+        data, scales = inits[node.input[1]], inits[node.input[2]]
+        old_data, old_scales = numpy_helper.to_array(data), numpy_helper.to_array(scales)
+        data.CopyFrom(numpy_helper.from_array(q.reshape(old_data.shape), data.name))
+        scales.CopyFrom(numpy_helper.from_array(scale.astype(old_scales.dtype).reshape(old_scales.shape), scales.name))
+
+
+def _weight_only(proto, recipe, spec) -> tuple[object, dict]:
+    """Weight-only MatMulNBits quantization (ONNX Runtime's ``MatMulNBitsQuantizer``), per linear kind:
+    ``quantization.bits`` / ``grid`` for the layers, ``head_bits`` for the lm_head, ``eight_bit`` kinds at
+    8 bit (symmetric); then the tied embedding reads the head (``embeddings: same``)."""
+    import logging
+
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    logging.getLogger(mnq.__name__).setLevel(logging.WARNING)   # one INFO line per node otherwise
+    q, acc = recipe.quantization, recipe.onnx.accuracy_level
+    bits = q.bits or (8 if q.scheme == "int8" else 4)
+    block = q.block_size or 32
+    grid = q.grid or "symmetric"
+    head_bits = q.head_bits or bits
+    inits = {i.name: i for i in proto.graph.initializer}
+    weight_mm = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    kinds = {n.name: _linear_kind(n, inits, spec) for n in weight_mm}
+    plan: dict[tuple[int, str], list[str]] = {}
+    for name, kind in kinds.items():
+        if kind == "lm_head":
+            key = (head_bits, "symmetric" if head_bits == 8 else grid)
+        elif kind in (q.eight_bit or []):
+            key = (8, "symmetric")
+        else:
+            key = (bits, grid)
+        plan.setdefault(key, []).append(name)
+    all_nodes = {n.name for n in proto.graph.node}
+    from onnx import numpy_helper
+
+    q8_floats = {n.name: numpy_helper.to_array(inits[n.input[1]]) for n in weight_mm
+                 if n.name in plan.get((8, "symmetric"), [])}
+    for (nbits, g), names in sorted(plan.items(), reverse=True):
+        if g == "min-scale":
+            cfg = mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=nbits, op_types_to_quantize=("MatMul",))
+        else:
+            cfg = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=g == "symmetric", bits=nbits,
+                                                   accuracy_level=acc, op_types_to_quantize=("MatMul",))
+        quant = mnq.MatMulNBitsQuantizer(proto, nodes_to_exclude=sorted(all_nodes - set(names)), algo_config=cfg)
+        if g == "min-scale":
+            quant.node_quantizer = _min_scale_quantizer(cfg)
+        quant.process()
+        proto = quant.model.model
+    _q8_0_rule(proto, q8_floats, block)
+    tied = False
+    if q.embeddings in ("same", "int8", "int4"):
+        emb_bits = head_bits if q.embeddings == "same" else int(q.embeddings[3:])
+        tied = emb_bits == head_bits and _tie_embedding_to_head(proto, head_bits, block)
+        if not tied:   # an untied model, or a head the Gather cannot read: its own blockwise table
+            cfg = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=emb_bits,
+                                                   op_types_to_quantize=("Gather",))
+            quant = mnq.MatMulNBitsQuantizer(proto, algo_config=cfg)
+            quant.process()
+            proto = quant.model.model
+    by_kind = {}
+    for (nbits, g), names in plan.items():
+        for name in names:
+            by_kind.setdefault(kinds[name], set()).add(f"int{nbits} {g}")
+    facts = {"bits": bits, "block_size": block, "grid": grid, "head_bits": head_bits,
+             "eight_bit": list(q.eight_bit or []), "accuracy_level": acc,
+             "linear_kinds": {k: sorted(v) for k, v in sorted(by_kind.items())},
+             "embedding_shares_lm_head": bool(tied)}
+    return proto, facts
+
+
+def _quantize(src: Path, dst: Path, recipe, work: Path, spec=None) -> dict:
     q = recipe.quantization
-    if q.scheme in ("int8", "int8-dynamic"):
+    if q.scheme == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
@@ -320,23 +442,12 @@ def _quantize(src: Path, dst: Path, recipe, work: Path, tied: bool = False) -> d
 
         _save(onnx.load(str(dst)), dst)
         return {}
-    elif q.scheme == "int4":
-        import logging
-
+    elif q.scheme in ("int8", "int4"):
         import onnx
-        from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
-        logging.getLogger(mnq.__name__).setLevel(logging.WARNING)   # one INFO line per node otherwise
-
-        ops = ("MatMul", "Gather") if q.embeddings in ("int4", "same") else ("MatMul",)
-        quant = mnq.MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=q.block_size or 32,
-                                         is_symmetric=True, accuracy_level=recipe.onnx.accuracy_level,
-                                         op_types_to_quantize=ops)
-        quant.process()
-        proto = quant.model.model
-        shared = bool(tied and "Gather" in ops and _share_tied_int4_embedding(proto, q.block_size or 32))
+        proto, facts = _weight_only(onnx.load(str(src)), recipe, spec)
         _save(proto, dst)
-        return {"embedding_shares_lm_head_int4": shared}
+        return facts
     else:
         raise UserError(f"quantization.scheme {q.scheme!r} is not supported for onnx",
                         field="quantization.scheme", expected="none, int8, int8-dynamic or int4")
@@ -377,10 +488,10 @@ def genai_config(spec, recipe, *, filename: str = MODEL_FILE, pad_token_id: int 
 
 def _quant_facts(path: Path, scheme: str) -> dict:
     ops = count_ops(path)
-    if scheme == "int4":
+    if scheme in ("int4", "int8"):
         quantized, left = ops.get("MatMulNBits", 0), ops.get("MatMul", 0)
         emb = ops.get("GatherBlockQuantized", 0)
-    elif scheme in ("int8", "int8-dynamic"):
+    elif scheme == "int8-dynamic":
         quantized = ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0)
         left, emb = ops.get("MatMul", 0), 0
     else:
@@ -452,7 +563,7 @@ def export_onnx(job) -> dict:
         timings["torch_onnx_export_s"] = round(time.perf_counter() - t0, 2)
         job.progress(f"onnxruntime quantization ({q.scheme})")
         t0 = time.perf_counter()
-        extra_facts = _quantize(fp32, final, rec, job.work_dir, tied=spec.tie_word_embeddings)
+        extra_facts = _quantize(fp32, final, rec, job.work_dir, spec=spec)
         timings["quantize_s"] = round(time.perf_counter() - t0, 2)
     del dec
     cfg = genai_config(spec, rec, share_buffer=bool(io.get("share_buffer")))

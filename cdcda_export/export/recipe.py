@@ -46,8 +46,19 @@ class Quantization:
     layers: str = field(default="linear", metadata={"choices": ("linear", "all", "none")})
     embeddings: str = field(default="none", metadata={"choices": ("none", "int8", "int4", "same")})
     embedding_group_size: int | None = None
+    # Weight grid of ONNX MatMulNBits (int8/int4): "symmetric" (scale only), "asymmetric" (integer zero
+    # point), "min-scale" (scale and float minimum per block, llama.cpp Q4_1's grid: a base dequantized from
+    # Q4_1 with the same block is reproduced exactly). None: symmetric.
+    grid: str | None = field(default=None, metadata={"choices": (None, "symmetric", "asymmetric", "min-scale")})
+    head_bits: int | None = None           # lm_head (and a tied embedding reading it); None: same as bits
+    eight_bit: list[str] = field(default_factory=list)   # linear kinds kept at int8 (mixed precision): down_proj
 
     def __post_init__(self):
+        if self.head_bits is not None and self.head_bits not in (4, 8):
+            raise ValueError(f"quantization.head_bits: {self.head_bits!r} is not allowed; allowed: 4, 8")
+        bad = [k for k in self.eight_bit if k not in ("down_proj",)]
+        if bad:
+            raise ValueError(f"quantization.eight_bit: {bad!r} is not allowed; allowed: down_proj")
         if self.bits is not None and self.bits not in (2, 3, 4, 6, 8, 16, 32):
             raise ValueError(f"quantization.bits: {self.bits!r} is not allowed; allowed: 2, 3, 4, 6, 8, 16, 32")
         for name in ("group_size", "block_size", "embedding_group_size"):
