@@ -29,6 +29,8 @@ MODEL_FILE = "model.pte"
 
 # recipe quantization.scheme -> ExecuTorch quantize_model_ linear config
 LINEAR_CONFIGS = {"none": None, "8da4w": "8da4w", "8da8w": "8da8w", "int8wo": "8w", "int4wo": "4w"}
+# Weight-only linear schemes that executorch 1.5.1's XNNPACK lowering gets wrong (see ``quantize``).
+WEIGHT_ONLY_BROKEN = ("int8wo", "int4wo")
 # recipe quantization.embeddings -> quantize_model_ embedding config
 EMBEDDING_CONFIGS = {"none": None, "int8": "8w", "int4": "4w"}
 # group size 0 = per output channel (torchao PerAxis(0))
@@ -69,6 +71,15 @@ def quantize(dec, recipe) -> dict:
     if q.scheme not in LINEAR_CONFIGS:
         raise UserError(f"quantization.scheme {q.scheme!r} is not supported by the ExecuTorch XNNPACK exporter",
                         field="quantization.scheme", expected=", ".join(LINEAR_CONFIGS))
+    if q.scheme in WEIGHT_ONLY_BROKEN and q.layers != "none":
+        # executorch 1.5.1 + torchao 0.18: a weight-only (float activation) int8 linear lowered to XNNPACK
+        # returns outputs ~1000x off, as if the scales were dropped (max err 1.6e3 on a single Linear whose
+        # outputs are ~1.5). Minimal reproduction: benchmarks/repros/xnnpack_weight_only_int8.py. Refused
+        # here rather than shipped wrong; tests/test_export_executorch.py holds the refusal.
+        raise UserError(f"quantization.scheme {q.scheme!r} (weight-only) lowers to XNNPACK with wrong numerics in "
+                        "executorch 1.5.1 (see benchmarks/repros/xnnpack_weight_only_int8.py)",
+                        field="quantization.scheme", expected="8da8w, 8da4w or none for the XNNPACK backend",
+                        hint="for near-lossless int8 on CPU use the onnx/int8 recipe (weight-only MatMulNBits)")
     linear = LINEAR_CONFIGS[q.scheme] if q.layers != "none" else None
     emb_name = q.embeddings
     if emb_name == "same":
