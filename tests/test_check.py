@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -270,3 +271,16 @@ def test_missing_artifact_and_manifest_are_user_errors(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(UserError, match="no manifest.json"):
         check_artifacts([tmp_path / "half"], CheckOptions())
+
+
+def test_base_artifact_is_checked_on_every_users_query(tmp_path):
+    """An artifact exported without an adapter (no user_id) serves every user: --task/--questions give it
+    each user's LaMP query with its gold (so the task metric covers the file), instead of an error."""
+    from cdcda_export.check.prompts import user_prompts
+
+    sample = Path(__file__).parents[1] / "cdcda_export" / "assets" / "lamp_sample" / "LaMP-3"
+    ps, task = user_prompts({"format": "onnx", "user_id": None, "task": None}, "LaMP-3", sample / "questions.json",
+                            sample / "outputs.json", None, tmp_path)
+    ids = [u["id"] for u in json.loads((sample / "questions.json").read_text())]
+    assert task == "LaMP-3" and [p.id for p in ps] == [f"query-{i}" for i in ids]
+    assert all(p.kind == "user-query" and p.gold is not None and p.text for p in ps)

@@ -100,7 +100,8 @@ def _hyper_from_training(adapter_dir: Path | None):
 def user_prompts(manifest: dict, task: str, questions: str | Path, outputs: str | Path | None,
                  adapter_dir: Path | None, art: Path, max_heldout: int | None = None,
                  seed: int = 0) -> tuple[list[Prompt], str]:
-    """(prompts, task name): the held-out pairs and the LaMP query of the artifact's user."""
+    """(prompts, task name): the held-out pairs and the LaMP query of the artifact's user; for a base
+    artifact (no user_id), the LaMP query of every user in the file."""
     from ..data import load_lamp
     from ..train.format import query_text
     from ..train.train import build_user_data
@@ -111,12 +112,13 @@ def user_prompts(manifest: dict, task: str, questions: str | Path, outputs: str 
         raise UserError(f"the artifact was trained for task {manifest['task']}, not {ds.task.name}",
                         file=str(art / "manifest.json"), field="task", expected=ds.task.name,
                         hint=f"pass --task {manifest['task']} with that task's LaMP files")
-    if not user_id:
-        raise UserError("the artifact has no user_id (exported without an adapter), so it has no user queries",
-                        file=str(art / "manifest.json"), field="user_id",
-                        hint="drop --task/--questions to check it on the generic prompts only")
-    user = ds.user(str(user_id))
     hp = _hyper_from_training(adapter_dir)
+    if not user_id:
+        # A base artifact (no adapter) serves every user of the file: it is checked on each one's LaMP query
+        # (with gold, so the task metric covers the whole file); there are no held-out pairs without training.
+        return [Prompt(id=f"query-{u.id}", kind="user-query", text=query_text(ds.task, u, hp.retrieve_k), gold=u.gold)
+                for u in ds.users], ds.task.name
+    user = ds.user(str(user_id))
     others = [item for o in ds.users if o.id != user.id for item in o.profile]
     data = build_user_data(ds.task, user, others, [], hp)
     prompts: list[Prompt] = []
