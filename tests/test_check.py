@@ -67,7 +67,12 @@ def _manifest(scheme="none", fmt="onnx", thresholds=None):
 
 def test_thresholds_resolve_defaults_then_recipe_then_cli():
     t, src = resolve_thresholds(_manifest("8da4w"), None)
-    assert t["max_abs_logit_err"] == 4.0 and src["max_abs_logit_err"] == "default:8da4w"
+    assert t["max_abs_logit_err"] == 6.0 and src["max_abs_logit_err"] == "default:8da4w"
+    # weight-only int8 holds the near-lossless targets; dynamic-activation 8da8w its measured fidelity
+    t8, _ = resolve_thresholds(_manifest("int8"), None)
+    assert (t8["mean_kl"], t8["top1_agreement"], t8["ppl_ratio"]) == (0.01, 0.97, 1.01)
+    td, _ = resolve_thresholds(_manifest("8da8w"), None)
+    assert td["top1_agreement"] < t8["top1_agreement"] and td["mean_kl"] > t8["mean_kl"]
     t, src = resolve_thresholds(_manifest("none"), None)
     assert t["max_abs_logit_err"] == 1e-3 and t["greedy_match_rate_free"] == 0.9
     t, src = resolve_thresholds(_manifest("int4", thresholds={"mean_kl": 0.3}),
@@ -75,7 +80,7 @@ def test_thresholds_resolve_defaults_then_recipe_then_cli():
     assert t["mean_kl"] == 0.01 and src["mean_kl"] == "cli" and t["ppl_ratio"] is None
     # A recipe key left out (null) keeps the scheme default; a recipe value overrides it.
     t, src = resolve_thresholds(_manifest("8da4w", thresholds={"max_abs_logit_err": None, "mean_kl": 0.2}), None)
-    assert t["max_abs_logit_err"] == 4.0 and src["max_abs_logit_err"] == "default:8da4w"
+    assert t["max_abs_logit_err"] == 6.0 and src["max_abs_logit_err"] == "default:8da4w"
     assert t["mean_kl"] == 0.2 and src["mean_kl"] == "recipe"
     assert scheme_of(_manifest("none", fmt="coreml")) == "fp16"   # Core ML computes in fp16 by default
 

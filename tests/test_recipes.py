@@ -30,8 +30,8 @@ def test_onnx_recipes_content():
     assert (r4.quantization.scheme, r4.quantization.block_size, r4.onnx.accuracy_level) == ("int4", 32, 4)
     assert (r4.quantization.grid, r4.quantization.head_bits, r4.quantization.embeddings) == ("min-scale", 8, "same")
     r8, _ = resolve_recipe("onnx-int8")  # "<format>-<name>" alias
-    # weight-only int8, float compute: the near-lossless recipe holds the near-lossless gate
-    assert (r8.quantization.scheme, r8.quantization.block_size, r8.onnx.accuracy_level) == ("int8", 32, 0)
+    # MatMulNBits int8 block 32 (int8 compute: the fast kernel): the near-lossless recipe holds the near-lossless gate
+    assert (r8.quantization.scheme, r8.quantization.block_size, r8.onnx.accuracy_level) == ("int8", 32, 4)
     assert (r8.thresholds.mean_kl, r8.thresholds.top1_agreement, r8.thresholds.ppl_ratio) == (0.01, 0.97, 1.01)
     rf, _ = resolve_recipe("onnx/fp32")
     assert rf.quantization.scheme == "none" and rf.onnx.opset >= 17
@@ -56,12 +56,13 @@ def test_scheme_must_fit_format():
 
 
 def test_bad_grid_and_mixed_precision_keys_are_named():
-    with pytest.raises(ValidationErrors) as ei:
-        recipe_from_dict({"format": "onnx", "name": "x", "quantization": {
-            "scheme": "int4", "grid": "q4_k", "head_bits": 6, "eight_bit": ["attn"]}})
-    msg = str(ei.value)
-    assert "quantization.grid: 'q4_k' is not allowed; allowed: None, symmetric, asymmetric, min-scale" in msg
-    assert "head_bits: 6 is not allowed; allowed: 4, 8" in msg
+    with pytest.raises(ValidationErrors, match="quantization.grid: 'q4_k' is not allowed; allowed: None, symmetric, "
+                                               "asymmetric, min-scale"):
+        recipe_from_dict({"format": "onnx", "name": "x", "quantization": {"scheme": "int4", "grid": "q4_k"}})
+    with pytest.raises(ValidationErrors, match="head_bits: 6 is not allowed; allowed: 4, 8"):
+        recipe_from_dict({"format": "onnx", "name": "x", "quantization": {"scheme": "int4", "head_bits": 6}})
+    with pytest.raises(ValidationErrors, match=r"eight_bit: \['attn'\] is not allowed; allowed: down_proj"):
+        recipe_from_dict({"format": "onnx", "name": "x", "quantization": {"scheme": "int4", "eight_bit": ["attn"]}})
 
 
 def test_bad_numbers_are_named():
