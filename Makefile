@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick test-slow bench fidelity-baselines install clean
+.PHONY: demo test test-quick test-slow bench quality fidelity-baselines install clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "$(PY) not found; set PY=python3.x (3.10-3.12)"; exit 1; }
@@ -38,10 +38,20 @@ test-slow: $(STAMP)
 
 # Re-record the committed fidelity baselines (tests/fidelity/baselines) after an intended change.
 fidelity-baselines: $(STAMP)
-	CDCDA_REFRESH_BASELINES=1 $(BIN)/python -m pytest tests/fidelity/test_fidelity_regression.py -q
+	CDCDA_REFRESH_BASELINES=1 $(BIN)/python -m pytest tests/fidelity/test_fidelity_regression.py tests/fidelity/test_real_model.py -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/peers.py
+
+# Quality on the real SmolLM2-135M-Instruct: ours vs llama.cpp / ORT GenAI / 8da4w, base as shipped and a
+# LaMP-3 user's merged model (the adapter is trained once, 20 steps, into benchmarks/.cache/quality).
+QDIR := benchmarks/.cache/quality
+LAMP3 := cdcda_export/assets/lamp_sample/LaMP-3
+quality: $(STAMP)
+	$(BIN)/python benchmarks/quality.py
+	$(BIN)/cdcda train --base $(QDIR)/smollm2-135m-instruct --task LaMP-3 --questions $(LAMP3)/questions.json \
+	  --outputs $(LAMP3)/outputs.json --out $(QDIR)/adapters --users 3000 --max-steps 20
+	$(BIN)/python benchmarks/quality.py --adapter $(QDIR)/adapters/3000 --ours onnx/int8,onnx/int4
 
 clean:
 	rm -rf $(VENV) .pytest_cache
