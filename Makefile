@@ -49,7 +49,7 @@ QDIR := benchmarks/.cache/quality
 LAMP3 := cdcda_export/assets/lamp_sample/LaMP-3
 quality: $(STAMP)
 	$(BIN)/python benchmarks/quality.py
-	$(BIN)/cdcda train --base $(QDIR)/smollm2-135m-instruct --task LaMP-3 --questions $(LAMP3)/questions.json \
+	$(BIN)/cdcda train --base $(QDIR)/base/smollm2-135m-instruct --task LaMP-3 --questions $(LAMP3)/questions.json \
 	  --outputs $(LAMP3)/outputs.json --out $(QDIR)/adapters --users 3000 --max-steps 20
 	$(BIN)/python benchmarks/quality.py --adapter $(QDIR)/adapters/3000 --ours onnx/int8,onnx/int4
 

@@ -326,7 +326,9 @@ def main() -> int:
 
     from cdcda_export.models import init_model, resolve_base
 
-    base = resolve_base(args.base) if args.base else init_model("smollm2-135m-instruct", CACHE / "smollm2-135m-instruct")
+    # the base lives apart from the work dirs: files written beside it would change its content hash
+    base = (resolve_base(args.base) if args.base
+            else init_model("smollm2-135m-instruct", CACHE / "base" / "smollm2-135m-instruct"))
     name = args.name or ("smollm2-135m-instruct" + (f"_merged-{args.adapter.name}" if args.adapter else ""))
     work = CACHE / name
     work.mkdir(parents=True, exist_ok=True)

@@ -561,6 +561,13 @@ def export_onnx(job) -> dict:
         fp32.parent.mkdir(parents=True, exist_ok=True)
         fused = export_decoder_onnx(dec, fp32, opts.opset, fuse=fuse)
         timings["torch_onnx_export_s"] = round(time.perf_counter() - t0, 2)
+        # The float decoder (its fused/untied weight copies) and the exporter's graph are not needed while ONNX
+        # Runtime quantizes the saved file: free them first (peak RSS of a 135M int8 export 3.2 GB otherwise).
+        del dec
+        import gc
+
+        gc.collect()
+        dec = None
         job.progress(f"onnxruntime quantization ({q.scheme})")
         t0 = time.perf_counter()
         extra_facts = _quantize(fp32, final, rec, job.work_dir, spec=spec)
