@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from cdcda_export.errors import UserError
 from cdcda_export.export import registry
 from cdcda_export.export.api import export
 from cdcda_export.export.manifest import REQUIRED_KEYS, verify
+from cdcda_export.utils import sha256_dir
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +87,7 @@ def test_rerun_is_cheap_and_existing_dir_needs_force(tiny_model_dir, tiny_artifa
 
 def test_bad_inputs_are_user_errors(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="not a Hugging Face model directory.*\n  next: create one with `cdcda init-model"):
+    with pytest.raises(UserError, match="not a Hugging Face model directory.*\n  next: pass a Hugging Face model directory or a .gguf file"):
         export(tmp_path / "empty", None, "onnx/fp32", tmp_path / "out", progress=False)
     with pytest.raises(UserError, match="Recipe 'nope' not found. Available:"):
         export(tmp_path / "empty", None, "nope", tmp_path / "out", progress=False)
@@ -113,3 +115,43 @@ def test_cli_export_and_generate(tiny_model_dir, tmp_path):
     res = cli.invoke(app, ["generate", str(out), "--prompt", "Hello there", "--max-new-tokens", "5", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert res.output.startswith("Hello there") and "decode" in res.output and "tok/s" in res.output
+
+
+def _adapter_copy(src: Path, dst: Path, base_sha: str | None) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    meta = {"user_id": "u-42", "task": "LaMP-3"}
+    if base_sha:
+        meta["base_model"] = {"source": "elsewhere", "sha256": base_sha}
+    (dst / "training.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_adapter_trained_on_another_base_is_refused_unless_overridden(tiny_model_dir, tiny_adapter, tmp_path):
+    """training.json records the base hash the adapter was trained on: another base of the same shapes
+    (tiny seed 1) is refused before any work, naming training.json; --allow-base-mismatch exports and
+    records the mismatch in the manifest."""
+    trained_on = sha256_dir(tiny_model_dir("tiny"))
+    other = tiny_model_dir("tiny", seed=1)
+    ad = _adapter_copy(tiny_adapter, tmp_path / "ad", trained_on)
+    with pytest.raises(UserError, match="trained on a different base model") as e:
+        export(other, ad, "onnx/fp32", tmp_path / "refused", progress=False)
+    assert "training.json" in str(e.value) and "--allow-base-mismatch" in str(e.value)
+    assert not (tmp_path / "refused").exists()
+    art = export(other, ad, "onnx/fp32", tmp_path / "forced", progress=False, allow_base_mismatch=True)
+    m = json.loads((art / "manifest.json").read_text())
+    assert "different base model" in m["adapter"]["base_mismatch"]
+    # on its own base the same adapter exports with no mismatch recorded
+    ok = export(tiny_model_dir("tiny"), ad, "onnx/fp32", tmp_path / "ok", progress=False)
+    assert "base_mismatch" not in json.loads((ok / "manifest.json").read_text())["adapter"]
+
+
+def test_truncated_adapter_weights_are_named(tiny_model_dir, tiny_adapter, tmp_path):
+    ad = _adapter_copy(tiny_adapter, tmp_path / "ad", None)
+    w = ad / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:20])
+    with pytest.raises(UserError, match="adapter weights cannot be read") as e:
+        export(tiny_model_dir("tiny"), ad, "onnx/fp32", tmp_path / "out", progress=False)
+    assert str(w) in str(e.value) and "cdcda train" in str(e.value)
+    assert not (tmp_path / "out").exists()

@@ -19,6 +19,9 @@ def export_cmd(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Recipe override KEY.PATH=VALUE (repeatable)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact directory."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
+    allow_base_mismatch: bool = typer.Option(
+        False, "--allow-base-mismatch",
+        help="Export even though the adapter's training.json names another base (recorded in the manifest)."),
 ):
     """Merge the adapter, quantize and export by recipe into an artifact dir with manifest.json."""
     import json
@@ -27,7 +30,8 @@ def export_cmd(
     from ..export.api import export
 
     t0 = time.time()
-    p = export(base, adapter, recipe, out, overwrite=force, progress=not quiet, overrides=set_ or None)
+    p = export(base, adapter, recipe, out, overwrite=force, progress=not quiet, overrides=set_ or None,
+               allow_base_mismatch=allow_base_mismatch)
     m = json.loads((p / "manifest.json").read_text())
     size = sum(v["bytes"] for v in m["files"].values()) / 1e6
     verb = "up to date (same base, adapter and recipe)" if (p / "manifest.json").stat().st_mtime < t0 else "wrote"

@@ -92,6 +92,26 @@ def check_adapter_dir(path: Path) -> None:
                         hint="train one with `cdcda train ...`")
 
 
+def _load_adapter(model, adapter: Path):
+    """peft adapter onto ``model``; a damaged weights file is a UserError naming it, not a traceback."""
+    from peft import PeftModel
+
+    weights = adapter / "adapter_model.safetensors"
+    try:
+        from safetensors import safe_open
+
+        if weights.is_file():
+            with safe_open(str(weights), framework="pt") as f:
+                list(f.keys())
+        return PeftModel.from_pretrained(model, adapter)
+    except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError/OSError on a truncated file
+        if type(e).__name__ in ("SafetensorError", "HeaderTooLarge", "OSError") or "safetensors" in str(e).lower():
+            raise UserError(f"adapter weights cannot be read ({type(e).__name__}: {e})", file=str(weights),
+                            expected="a complete safetensors file written by `cdcda train` / peft",
+                            hint="retrain the user's adapter with `cdcda train ... --force`") from None
+        raise
+
+
 def load_merged_model(base: str | Path, adapter: str | Path | None = None):
     """HF causal LM in float32 with eager attention, with the peft adapter merged when given."""
     import torch
@@ -103,11 +123,9 @@ def load_merged_model(base: str | Path, adapter: str | Path | None = None):
     check_model_dir(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
     if adapter is not None:
-        from peft import PeftModel
-
         adapter = Path(adapter)
         check_adapter_dir(adapter)
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = _load_adapter(model, adapter).merge_and_unload()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -166,8 +184,12 @@ def _same_inputs(out: Path, recipe_resolved: dict, base_sha: str, adapter_sha: s
 
 
 def export(base: str | Path, adapter: str | Path | None, recipe: str | Path | Recipe, out: str | Path, *,
-           overwrite: bool = False, progress: bool = True, overrides: list[str] | None = None) -> Path:
-    """Export ``base`` (+ ``adapter``) with ``recipe`` into the artifact directory ``out``; returns ``out``."""
+           overwrite: bool = False, progress: bool = True, overrides: list[str] | None = None,
+           allow_base_mismatch: bool = False) -> Path:
+    """Export ``base`` (+ ``adapter``) with ``recipe`` into the artifact directory ``out``; returns ``out``.
+
+    An adapter whose ``training.json`` names another base (sha256) or is damaged is refused before any work;
+    ``allow_base_mismatch`` exports anyway and records it in the manifest (``adapter.base_mismatch``)."""
     import torch
 
     from ..models.gguf import base_provenance, resolve_base
@@ -186,6 +208,18 @@ def export(base: str | Path, adapter: str | Path | None, recipe: str | Path | Re
     resolved = rec.to_dict()
     base_sha = sha256_dir(base)
     adapter_sha = sha256_dir(adapter) if adapter is not None else None
+    mismatch = None
+    if adapter is not None:
+        from ..train.modeling import check_adapter_provenance
+
+        try:
+            check_adapter_provenance(adapter, base_sha)
+        except UserError as e:
+            if not allow_base_mismatch:
+                raise UserError(str(e).split("\n  next:")[0],
+                                hint="pass the --base the adapter was trained on, or --allow-base-mismatch to "
+                                     "export anyway (recorded in the manifest)") from None
+            mismatch = str(e).split("\n  next:")[0]
     if out.exists() and not overwrite:
         if _same_inputs(out, resolved, base_sha, adapter_sha):
             return out
@@ -224,7 +258,8 @@ def export(base: str | Path, adapter: str | Path | None, recipe: str | Path | Re
             "files": file_table(tmp),
             "base_model": {"source": str(base.resolve()), "sha256": base_sha,
                            "provenance": base_provenance(base)},
-            "adapter": ({"source": str(adapter.resolve()), "sha256": adapter_sha} if adapter is not None else None),
+            "adapter": ({"source": str(adapter.resolve()), "sha256": adapter_sha,
+                         **({"base_mismatch": mismatch} if mismatch else {})} if adapter is not None else None),
             "user_id": user_id,
             "task": task,
             "io": io,
