@@ -128,3 +128,24 @@ def test_cli_recipes_lists_table():
     res = CliRunner().invoke(app, ["recipes"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     assert "onnx/int4" in res.output and "int4 b32" in res.output
+
+
+def test_palettize_4bit_avoids_the_ane_for_coremltools_2716():
+    """coremltools issue #2716 (open): a 4-bit palettized *stateful* model converted with coremltools 9.0
+    crashes on the Neural Engine after 100-200 predictions. coreml/palettize-4bit is exactly that, so it
+    defaults to CPU + GPU and says why in its description (what `cdcda recipes` shows) and in its YAML."""
+    r, _ = resolve_recipe("coreml/palettize-4bit")
+    assert r.coreml.compute_units == "cpu_and_gpu"
+    assert "#2716" in r.description and "Neural Engine" in r.description
+    text = (REPO / "recipes" / "coreml" / "palettize-4bit.yaml").read_text()
+    comment = [ln for ln in text.splitlines() if ln.lstrip().startswith("#")]
+    assert any("#2716" in ln for ln in comment), "the YAML comment must name the upstream issue"
+    # an explicit override still opts back in
+    assert resolve_recipe("coreml/palettize-4bit", ["coreml.compute_units=all"])[0].coreml.compute_units == "all"
+    from typer.testing import CliRunner
+
+    from cdcda_export.cli import app
+
+    res = CliRunner().invoke(app, ["recipes"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "#2716" in res.output and "cpu_and_gpu" in res.output

@@ -48,7 +48,7 @@ def recipes_cmd():
     from ..export.registry import list_recipes
 
     t = Table("recipe", "format", "quantization", "target", "runs here")
-    t.add_column("description", overflow="ellipsis", no_wrap=True, max_width=60)
+    t.add_column("description", overflow="fold", max_width=60)   # whole: known risks (e.g. #2716) are in it
     for e in list_recipes():
         r = e.recipe
         q = r.quantization
