@@ -207,6 +207,29 @@ def test_timeout_is_retried_and_exhaustion_is_a_failure(tmp_path):
     assert rep["status"] == "complete" and len(list(out.glob("*/synthetic.jsonl"))) == 1
 
 
+def test_teacher_that_never_answers_fails_within_the_timeouts(tmp_path, caplog):
+    """A teacher that accepts the connection and then hangs forever (never a byte back): every attempt
+    times out, the run ends in bounded time as incomplete with a clear reason, and no synthetic.jsonl
+    appears for the user (issue 18: a teacher that hangs past every timeout)."""
+    hung = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)            # the kernel completes the handshakes; nobody ever reads or answers
+    url = f"http://127.0.0.1:{hung.getsockname()[1]}/v1"
+    out = tmp_path / "hung"
+    try:
+        t0 = time.monotonic()
+        rep = run_augment(cfg(tmp_path, url, out=out, timeout=0.3, max_retries=1, max_users=1))
+        took = time.monotonic() - t0
+    finally:
+        hung.close()
+    tr = rep["this_run"]
+    assert rep["status"] == "incomplete" and tr["failures"] >= 1
+    assert set(tr["retry_reasons"]) == {"timeout"}, tr["retry_reasons"]
+    assert not list(out.glob("*/synthetic.jsonl"))
+    assert took < 20, f"a hung teacher held the run for {took:.1f} s"
+    assert "failed: gave up after 2 attempts: timeout" in caplog.text, caplog.text[-2000:]
+
+
 def test_malformed_replies_are_reasked_within_budget(tmp_path):
     def policy(srv, body, n):
         msgs = body["messages"]

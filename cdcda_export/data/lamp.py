@@ -90,6 +90,37 @@ def _check_profile_item(task: TaskSpec, item: Any, where: str, problems: list[st
             problems.append(f"{where}: field {key!r} is {item[key]!r}, not in the label space {task.labels}")
 
 
+def _opening(text: str, words: int = 5) -> str:
+    return " ".join(str(text).lower().split()[:words])
+
+
+def _task_openings() -> dict[str, str]:
+    """First words of each task's LaMP question template -> task name (LaMP-2's two phrasings both)."""
+    from . import tasks as T
+
+    pairs = [(T.Q_LAMP1, "LaMP-1"), (T.Q_LAMP2, "LaMP-2"), (T.Q_LAMP2_OLD, "LaMP-2"), (T.Q_LAMP3, "LaMP-3"),
+             (T.Q_LAMP4, "LaMP-4"), (T.Q_LAMP5, "LaMP-5"), (T.Q_LAMP7, "LaMP-7")]
+    return {_opening(q.split("{")[0]): name for q, name in pairs}
+
+
+def _wrong_task(spec: TaskSpec, records: list[tuple[int, str, str]], problems: list[str]) -> None:
+    """One problem when questions read like another task's (``records``: (index, id, input)). Profile fields
+    alone do not tell LaMP-1 from LaMP-5 or LaMP-3/4 from LaMP-7; the questions' template does."""
+    openings = _task_openings()
+    hits: dict[str, list[tuple[int, str, str]]] = {}
+    for i, rid, inp in records:
+        other = openings.get(_opening(inp))
+        if other is not None and other != spec.name:
+            hits.setdefault(other, []).append((i, rid, inp))
+    found = []
+    for other, recs in hits.items():
+        i, rid, inp = recs[0]
+        found.append(f"record {i} (id {rid!r}) field 'input' reads like a {other} question "
+                        f"({' '.join(inp.split()[:8])!r} ...), but --task is {spec.name}; {len(recs)} of "
+                        f"{len(records)} records do: this looks like a {other} questions file")
+    problems[:0] = found   # first: it explains the field errors that follow
+
+
 def load_questions(task: str | TaskSpec, path: str | Path) -> tuple[list[UserRecord], list[str]]:
     spec = get_task(task) if isinstance(task, str) else task
     data = read_json(path)
@@ -139,6 +170,8 @@ def load_questions(task: str | TaskSpec, path: str | Path) -> tuple[list[UserRec
                 notes.append(f"user {rid}: one-item profile (trained on it, nothing held out)")
         if not bad:
             users.append(UserRecord(id=rid, input=rec["input"], profile=list(prof)))
+    _wrong_task(spec, [(i, r.get("id"), r["input"]) for i, r in enumerate(data)
+                       if isinstance(r, dict) and isinstance(r.get("input"), str)], problems)
     if problems:
         raise ValidationErrors(problems, file=src, hint=NEXT.format(task=spec.name))
     if not users:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..errors import UserError
+from ..runtime.base import manifest_claims
 from ..utils import atomic_dir, now_iso, peak_rss_mb, sha256_dir, versions, write_json_atomic
 from .manifest import MANIFEST, file_table
 from .recipe import Recipe
@@ -96,6 +97,9 @@ def _load_adapter(model, adapter: Path):
     """peft adapter onto ``model``; a damaged weights file is a UserError naming it, not a traceback."""
     from peft import PeftModel
 
+    from ..train.modeling import check_adapter_weights
+
+    check_adapter_weights(adapter)   # config vs weights (rank, targets); a damaged file is named there too
     weights = adapter / "adapter_model.safetensors"
     try:
         from safetensors import safe_open
@@ -183,6 +187,18 @@ def _same_inputs(out: Path, recipe_resolved: dict, base_sha: str, adapter_sha: s
             and (m.get("adapter") or {}).get("sha256") == adapter_sha)
 
 
+def _check_writable(out: Path) -> None:
+    """UserError naming ``--out`` when its parent cannot be created or written (checked before any work)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent))
+        probe.rmdir()
+    except OSError as e:
+        raise UserError(f"cannot be written: {e.strerror or e} ({e.filename or out.parent})", file=str(out),
+                        field="--out", expected="a path in a writable directory",
+                        hint="choose another --out, or fix the permissions of its parent directory") from None
+
+
 def export(base: str | Path, adapter: str | Path | None, recipe: str | Path | Recipe, out: str | Path, *,
            overwrite: bool = False, progress: bool = True, overrides: list[str] | None = None,
            allow_base_mismatch: bool = False) -> Path:
@@ -225,6 +241,7 @@ def export(base: str | Path, adapter: str | Path | None, recipe: str | Path | Re
             return out
         raise UserError("output directory already exists (from other inputs)", file=str(out),
                         hint="pass --force to replace it, or choose another --out")
+    _check_writable(out)
     user_id, task = adapter_provenance(adapter)
 
     with _progress(progress, total=4) as step, atomic_dir(out, overwrite=overwrite) as tmp, \
@@ -270,6 +287,8 @@ def export(base: str | Path, adapter: str | Path | None, recipe: str | Path | Re
         }
         if result.get("extra"):
             manifest["export"].update(result["extra"])
+        # digests of what the artifact claims to be: a later hand edit of these fields is named on load
+        manifest["claims_sha256"] = manifest_claims(json.loads(json.dumps(manifest, default=str)))
         write_json_atomic(tmp / MANIFEST, manifest)
         step("done")
         del model, job

@@ -3,7 +3,8 @@
 Keys (ARCHITECTURE.md): ``format``, ``recipe`` {name, resolved}, ``files`` {name: {sha256, bytes}},
 ``base_model`` {source, sha256}, ``adapter`` {source, sha256} | null, ``user_id``, ``task``, ``io``
 (methods, inputs, outputs, max_seq_len, prefill_len, kv_cache, bos/eos ids, vocab_size), ``versions``,
-``created_at``; plus ``export`` {seconds, peak_rss_mb} and ``quantization_applied``.
+``created_at``; plus ``export`` {seconds, peak_rss_mb}, ``quantization_applied`` and ``claims_sha256``
+(a sha256 per claimed field, :func:`cdcda_export.runtime.base.manifest_claims`: edits are named on load).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..runtime.base import edited_claims
 from ..utils import sha256_file
 
 MANIFEST = "manifest.json"
@@ -38,6 +40,7 @@ def verify(artifact_dir: str | Path) -> list[str]:
     m = json.loads(mp.read_text(encoding="utf-8"))
     problems = [f"manifest key {k!r} missing" for k in REQUIRED_KEYS if k not in m]
     problems += [f"manifest io.{k} missing" for k in REQUIRED_IO_KEYS if k not in m.get("io", {})]
+    problems += [f"manifest field {f!r} edited after export (differs from claims_sha256)" for f in edited_claims(m)]
     for name, info in m.get("files", {}).items():
         p = root / name
         if not p.is_file():

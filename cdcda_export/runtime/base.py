@@ -171,12 +171,82 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# ---------------------------------------------------------------- manifest claims
+# What an artifact claims to be: ``cdcda export`` records a sha256 of each of these manifest fields
+# (``claims_sha256``), and every load compares them, so a manifest edited by hand to claim another recipe,
+# quantization, I/O contract, base, adapter, user or task is named instead of trusted. Not covered: ``files``
+# (checked against the files themselves), ``*.source`` paths (sources move; ``cdcda check --base`` finds
+# them), and bookkeeping (versions, created_at, export timings). This catches edits, not forgery: whoever
+# edits a field can also rewrite its digest.
+CLAIM_FIELDS = ("format", "recipe.name", "recipe.resolved", "quantization_applied", "io", "base_model.sha256",
+                "adapter.sha256", "adapter.base_mismatch", "user_id", "task")
+_EXPANDED = ("recipe.resolved", "io")     # digested per sub-key, so an edit names e.g. recipe.resolved.quantization
+_ABSENT = object()
+
+
+def _get(manifest: dict, dotted: str):
+    cur = manifest
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return _ABSENT
+        cur = cur[part]
+    return cur
+
+
+def _digest(value) -> str:
+    if value is _ABSENT:
+        return "absent"
+    blob = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def manifest_claims(manifest: dict) -> dict[str, str]:
+    """``{field: sha256 of its canonical JSON}`` over :data:`CLAIM_FIELDS` (``cdcda export`` stores it as
+    ``claims_sha256``); ``recipe.resolved`` and ``io`` per sub-key."""
+    out = {}
+    for f in CLAIM_FIELDS:
+        v = _get(manifest, f)
+        if f in _EXPANDED and isinstance(v, dict):
+            out.update({f"{f}.{k}": _digest(v[k]) for k in sorted(v)})
+        else:
+            out[f] = _digest(v)
+    return out
+
+
+def edited_claims(manifest: dict) -> list[str]:
+    """Manifest fields that differ from the digests recorded at export ([] when none, or for a manifest
+    written before ``claims_sha256`` existed)."""
+    rec = manifest.get("claims_sha256")
+    if rec is None:
+        return []
+    if not isinstance(rec, dict):
+        return ["claims_sha256"]
+    now = manifest_claims(manifest)
+    return sorted(k for k in set(rec) | set(now) if rec.get(k, "absent") != now.get(k, "absent"))
+
+
+def check_claims(artifact_dir: str | Path, manifest: dict) -> None:
+    """UserError naming the manifest fields edited since export (see :data:`CLAIM_FIELDS`)."""
+    edited = edited_claims(manifest)
+    if edited:
+        art = Path(artifact_dir)
+        shown = ", ".join(edited[:8]) + (" ..." if len(edited) > 8 else "")
+        raise UserError(f"edited after export ({len(edited)} field(s): {shown}); the manifest no longer describes "
+                        "the model files it ships with (e.g. it claims another recipe or quantization)",
+                        file=str(art / "manifest.json"), field=edited[0],
+                        expected="the values `cdcda export` recorded (claims_sha256)",
+                        hint=reexport_hint(art, manifest) + " (to change the recipe, re-export; do not edit the "
+                             "manifest)")
+
+
 def verify_artifact(artifact_dir: str | Path, manifest: dict | None = None) -> None:
     """Check that every file ``manifest.json`` lists is there with its recorded size and sha256.
 
     Raises a :class:`UserError` naming the first missing or differing file (and how many others
     differ), with what was expected and the ``cdcda export`` command that rebuilds the artifact.
-    Files the manifest does not list are ignored. Sizes are checked for all files before any hash.
+    Files the manifest does not list are ignored. First, a manifest whose recorded claims (recipe,
+    quantization, io, base/adapter hashes, user, task) were edited after export is refused, naming the
+    field (:func:`check_claims`). Sizes are checked for all files before any hash.
     The result is cached per process by artifact path and by the (size, mtime, ctime, inode) of the
     manifest and of every listed file, so a load after the first costs a few ``stat`` calls and a
     file that changes on disk is verified again.
@@ -184,6 +254,7 @@ def verify_artifact(artifact_dir: str | Path, manifest: dict | None = None) -> N
     art = Path(artifact_dir)
     if manifest is None:
         manifest = read_manifest(art)
+    check_claims(art, manifest)
     table = _file_table(art, manifest)
     key = str(art.resolve())
     sig = _signature(art, table)

@@ -40,7 +40,87 @@ def check_adapter_dir(adapter: str | Path) -> Path:
         raise UserError("not a LoRA adapter directory", file=str(p), field="--adapter",
                         expected="adapter_config.json and adapter_model.safetensors (peft, safetensors)",
                         hint=TRAIN_HINT)
+    check_adapter_weights(p)
     return p
+
+
+def _damaged_weights(weights: Path, e: Exception) -> UserError:
+    return UserError(f"adapter weights cannot be read ({type(e).__name__}: {e})", file=str(weights),
+                     expected="a complete safetensors file written by `cdcda train` / peft",
+                     hint="retrain the user's adapter with `cdcda train ... --force`")
+
+
+def check_adapter_weights(adapter: str | Path) -> None:
+    """UserError when ``adapter_config.json`` and ``adapter_model.safetensors`` disagree.
+
+    peft trusts the config: weights of a larger or smaller rank fail deep inside ``load_state_dict``, weights
+    for modules the config does not target are dropped with a warning, and targets without weights stay at
+    their zero init -- an adapter that silently does less than it was trained to. Only the safetensors header
+    is read (shapes, not tensors). Checked: ``r`` (and ``rank_pattern``) against every ``lora_A`` rank, each
+    weight's module against ``target_modules`` (a list, or a regex string; "all-linear" is not checked), and
+    every listed target having weights.
+    """
+    import json
+    import re
+
+    p = Path(adapter)
+    cfg_path, weights = p / "adapter_config.json", p / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        return
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"not valid JSON ({e})", file=str(cfg_path), hint=TRAIN_HINT) from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"a JSON {type(cfg).__name__}, not an object", file=str(cfg_path), hint=TRAIN_HINT)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="np") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - SafetensorError / OSError on a damaged file
+        raise _damaged_weights(weights, e) from None
+    # module path -> rank (from lora_A [r, in] / lora_embedding_A [r, num_embeddings])
+    ranks: dict[str, int] = {}
+    for k, shape in shapes.items():
+        m = re.match(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_embedding_A)(?:\.[^.]+)?(?:\.weight)?$", k)
+        if m and shape:
+            ranks[m.group(1)] = int(shape[0])
+    if not ranks:
+        raise UserError("no LoRA weights (no lora_A tensors) in the file", file=str(weights),
+                        expected=f"lora_A/lora_B tensors for {cfg.get('target_modules')}", hint=TRAIN_HINT)
+    hint = ("the config and the weights come from different adapters (or one was edited); restore the pair "
+            "`cdcda train` wrote, or retrain with `cdcda train ... --force`")
+    r = cfg.get("r")
+    pattern = cfg.get("rank_pattern") or {}
+    for mod, got in sorted(ranks.items()):
+        want = next((v for pat, v in pattern.items() if re.match(rf"(.*\.)?({pat})$", mod)), r)   # peft's rule
+        if isinstance(want, int) and got != want:
+            raise UserError(f"says rank {want}, but {weights.name} holds rank-{got} LoRA weights for {mod}",
+                            file=str(cfg_path), field="r" if want == r else f"rank_pattern.{mod}",
+                            expected=f"r = {got}, the rank of the weights", hint=hint)
+    targets = cfg.get("target_modules")
+    if isinstance(targets, (list, tuple)):
+        names = [str(t) for t in targets]
+        stray = sorted({m for m in ranks if not any(m == t or m.endswith("." + t) for t in names)})
+        if stray:
+            leaves = sorted({m.rsplit(".", 1)[-1] for m in stray})
+            raise UserError(f"target_modules {sorted(names)} does not include {leaves}, but {weights.name} holds "
+                            f"LoRA weights for them (e.g. {stray[0]}); peft would drop them silently",
+                            file=str(cfg_path), field="target_modules", expected=f"names covering {leaves}",
+                            hint=hint)
+        missing = sorted(t for t in names if not any(m == t or m.endswith("." + t) for m in ranks))
+        if missing:
+            raise UserError(f"target_modules lists {missing}, but {weights.name} has no LoRA weights for them; "
+                            "peft would leave them at their zero init silently", file=str(cfg_path),
+                            field="target_modules", expected=f"only modules with weights "
+                            f"({sorted({m.rsplit('.', 1)[-1] for m in ranks})})", hint=hint)
+    elif isinstance(targets, str) and targets != "all-linear":
+        stray = sorted(m for m in ranks if not re.fullmatch(targets, m))
+        if stray:
+            raise UserError(f"target_modules regex {targets!r} does not match {stray[0]}, which "
+                            f"{weights.name} holds LoRA weights for", file=str(cfg_path), field="target_modules",
+                            hint=hint)
 
 
 def check_adapter_provenance(adapter: Path, base_sha: str, task: str | None = None) -> None:
