@@ -295,3 +295,16 @@ def test_min_scale_grid_reproduces_an_on_grid_base(tiny_model_dir, tmp_path):
         err[grid] = float(np.abs(runtime.load(art).prefill(PROMPT) - ref).max())
     assert err["min-scale"] <= 1e-3, err
     assert err["symmetric"] > 10 * err["min-scale"], err
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("recipe", ["onnx/int8", "onnx/int4"])
+def test_untied_model_keeps_its_own_embedding_table(recipe, tiny_model_dir, tiny_artifact):
+    """Phi-3 does not tie its embeddings: the quantized head must not replace its table (a shared head once
+    made every tiny-phi3 int8/int4 artifact emit garbage: top-1 0.02). Its table is quantized on its own."""
+    art = tiny_artifact("tiny-phi3", recipe)
+    q = json.loads((art / "manifest.json").read_text())["quantization_applied"]
+    assert q["embedding_shares_lm_head"] is False and q["quantized_embeddings"] == 1, q
+    prefill_ref, _, _ = eager_greedy(tiny_model_dir("tiny-phi3"), PROMPT, 4)
+    err = float(np.abs(runtime.load(art).prefill(PROMPT) - prefill_ref).max())
+    assert err < 0.5, f"{recipe} on untied tiny-phi3: max |logit err| {err:.3f} >= 0.5"

@@ -365,6 +365,39 @@ def _q8_0_rule(proto, floats: dict, block: int) -> None:
         scales.CopyFrom(numpy_helper.from_array(scale.astype(old_scales.dtype).reshape(old_scales.shape), scales.name))
 
 
+def _gather_q8_0(proto, block: int) -> bool:
+    """The embedding ``Gather`` of an untied model as an 8-bit ``GatherBlockQuantized`` (Q8_0 blocks: scale =
+    max|w| / 127, data q + 128 = its default zero point), in place. Returns whether a table was quantized."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    for node in list(g.node):
+        if node.op_type != "Gather" or node.input[0] not in inits or len(inits[node.input[0]].dims) != 2:
+            continue
+        w = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+        v, h = w.shape
+        if h % block:
+            continue
+        blocks = w.reshape(v, h // block, block)
+        scale = np.abs(blocks).max(-1) / 127.0
+        safe = np.where(scale == 0, 1.0, scale)[..., None]
+        q = (np.clip(np.rint(blocks / safe), -127, 127) + 128).astype(np.uint8).reshape(v, h)
+        name = node.input[0]
+        g.initializer.remove(inits[name])
+        g.initializer.extend([numpy_helper.from_array(q, f"{name}_Q8"),
+                              numpy_helper.from_array(scale.astype(np.float32), f"{name}_scales")])
+        gbq = helper.make_node("GatherBlockQuantized", [f"{name}_Q8", node.input[1], f"{name}_scales"],
+                               list(node.output), name=f"{node.name}_Q8", domain="com.microsoft", bits=8,
+                               block_size=block, gather_axis=0, quantize_axis=1)
+        idx = list(g.node).index(node)
+        g.node.remove(node)
+        g.node.insert(idx, gbq)
+        return True
+    return False
+
+
 def _weight_only(proto, recipe, spec) -> tuple[object, dict]:
     """Weight-only MatMulNBits quantization (ONNX Runtime's ``MatMulNBitsQuantizer``), per linear kind:
     ``quantization.bits`` / ``grid`` for the layers, ``head_bits`` for the lm_head, ``eight_bit`` kinds at
@@ -411,8 +444,12 @@ def _weight_only(proto, recipe, spec) -> tuple[object, dict]:
     tied = False
     if q.embeddings in ("same", "int8", "int4"):
         emb_bits = head_bits if q.embeddings == "same" else int(q.embeddings[3:])
-        tied = emb_bits == head_bits and _tie_embedding_to_head(proto, head_bits, block)
-        if not tied:   # an untied model, or a head the Gather cannot read: its own blockwise table
+        # only a tied model's table IS the head's matrix (an untied Phi-3 has its own embedding table)
+        tied = (spec is not None and spec.tie_word_embeddings and emb_bits == head_bits
+                and _tie_embedding_to_head(proto, head_bits, block))
+        if not tied and emb_bits == 8:   # ORT's quantizer takes 4-bit Gathers only: Q8_0 blocks, written here
+            _gather_q8_0(proto, block)
+        elif not tied:   # an untied model, or a head the Gather cannot read: its own blockwise table
             cfg = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=emb_bits,
                                                    op_types_to_quantize=("Gather",))
             quant = mnq.MatMulNBitsQuantizer(proto, algo_config=cfg)
