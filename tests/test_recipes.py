@@ -30,8 +30,11 @@ def test_onnx_recipes_content():
     assert (r4.quantization.scheme, r4.quantization.block_size, r4.onnx.accuracy_level) == ("int4", 32, 4)
     assert (r4.quantization.grid, r4.quantization.head_bits, r4.quantization.embeddings) == ("min-scale", 8, "same")
     r8, _ = resolve_recipe("onnx-int8")  # "<format>-<name>" alias
-    # MatMulNBits int8 block 32 (int8 compute: the fast kernel): the near-lossless recipe holds the near-lossless gate
-    assert (r8.quantization.scheme, r8.quantization.block_size, r8.onnx.accuracy_level) == ("int8", 32, 4)
+    # MatMulNBits int8 block 32, float compute: the near-lossless recipe holds the near-lossless gate;
+    # int8-fast (int8 compute, ORT's fast kernel) is the named speed variant with its measured gate
+    assert (r8.quantization.scheme, r8.quantization.block_size, r8.onnx.accuracy_level) == ("int8", 32, 0)
+    rf8, _ = resolve_recipe("onnx/int8-fast")
+    assert rf8.onnx.accuracy_level == 4 and rf8.thresholds.top1_agreement < r8.thresholds.top1_agreement
     assert (r8.thresholds.mean_kl, r8.thresholds.top1_agreement, r8.thresholds.ppl_ratio) == (0.01, 0.97, 1.01)
     rf, _ = resolve_recipe("onnx/fp32")
     assert rf.quantization.scheme == "none" and rf.onnx.opset >= 17
