@@ -44,7 +44,9 @@ def test_loss_falls_and_training_json_records_provenance(trained, tiny_base):
         assert meta["user_id"] == r.user_id and meta["task"] == TASK
         from cdcda_export.utils import sha256_dir
 
-        assert meta["base_model"] == {"source": str(tiny_base), "sha256": sha256_dir(tiny_base)}
+        assert meta["base_model"] == {"source": str(tiny_base), "sha256": sha256_dir(tiny_base),
+                                          "provenance": {"arch": "tiny", "seed": 0, "random_weights": True,
+                                                         "note": "random weights with the exact config of a real model"}}
         assert meta["data"]["real"] == 16 and meta["data"]["heldout"] == 4 and meta["data"]["synthetic"] == 0
         hp = meta["hyperparameters"]
         assert hp["rank"] == 8 and hp["alpha"] == 16 and hp["seed"] == 0 and hp["steps"] == 8
