@@ -338,6 +338,20 @@ def _min_scale_quantizer(cfg):
     return MinScaleQuantizer(cfg)
 
 
+def _q8_0_blocks(w, block: int):
+    """llama.cpp Q8_0's rounding of a float [rows, K] matrix in blocks of ``block`` along K: (data [rows, K]
+    uint8 holding q + 128, the default zero point of MatMulNBits / GatherBlockQuantized at 8 bit; scales
+    [rows, K / block] float32 = max|w| / 127)."""
+    import numpy as np
+
+    n, k = w.shape
+    blocks = w.astype(np.float32).reshape(n, k // block, block)
+    scale = np.abs(blocks).max(-1) / 127.0
+    safe = np.where(scale == 0, 1.0, scale)[..., None]
+    q = (np.clip(np.rint(blocks / safe), -127, 127) + 128).astype(np.uint8).reshape(n, k)
+    return q, scale.astype(np.float32)
+
+
 def _q8_0_rule(proto, floats: dict, block: int) -> None:
     """Re-round ONNX Runtime's symmetric 8-bit blocks with llama.cpp Q8_0's rule, in place.
 
@@ -346,19 +360,13 @@ def _q8_0_rule(proto, floats: dict, block: int) -> None:
     dequantized from Q8_0 (SmolLM2's embedding, so its tied lm_head) only Q8_0's rule lands every weight on
     its own grid point, and off grid the two differ by < half a step. MatMulNBits' 8-bit layout is kept:
     data [N, K/block, block] uint8 holding q + 128 (its default zero point), scales [N, K/block]."""
-    import numpy as np
     from onnx import numpy_helper
 
     inits = {i.name: i for i in proto.graph.initializer}
     for node in proto.graph.node:
         if node.op_type != "MatMulNBits" or node.name.rsplit("_Q8", 1)[0] not in floats or len(node.input) != 3:
             continue
-        w = floats[node.name.rsplit("_Q8", 1)[0]].T.astype(np.float32)     # [N, K]
-        n, k = w.shape
-        blocks = w.reshape(n, k // block, block)
-        scale = np.abs(blocks).max(-1) / 127.0
-        safe = np.where(scale == 0, 1.0, scale)[..., None]
-        q = (np.clip(np.rint(blocks / safe), -127, 127) + 128).astype(np.uint8)
+        q, scale = _q8_0_blocks(floats[node.name.rsplit("_Q8", 1)[0]].T, block)     # weights [N, K]
         data, scales = inits[node.input[1]], inits[node.input[2]]
         old_data, old_scales = numpy_helper.to_array(data), numpy_helper.to_array(scales)
         data.CopyFrom(numpy_helper.from_array(q.reshape(old_data.shape), data.name))
@@ -368,7 +376,6 @@ def _q8_0_rule(proto, floats: dict, block: int) -> None:
 def _gather_q8_0(proto, block: int) -> bool:
     """The embedding ``Gather`` of an untied model as an 8-bit ``GatherBlockQuantized`` (Q8_0 blocks: scale =
     max|w| / 127, data q + 128 = its default zero point), in place. Returns whether a table was quantized."""
-    import numpy as np
     from onnx import helper, numpy_helper
 
     g = proto.graph
@@ -376,18 +383,14 @@ def _gather_q8_0(proto, block: int) -> bool:
     for node in list(g.node):
         if node.op_type != "Gather" or node.input[0] not in inits or len(inits[node.input[0]].dims) != 2:
             continue
-        w = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-        v, h = w.shape
-        if h % block:
+        w = numpy_helper.to_array(inits[node.input[0]])
+        if w.shape[1] % block:
             continue
-        blocks = w.reshape(v, h // block, block)
-        scale = np.abs(blocks).max(-1) / 127.0
-        safe = np.where(scale == 0, 1.0, scale)[..., None]
-        q = (np.clip(np.rint(blocks / safe), -127, 127) + 128).astype(np.uint8).reshape(v, h)
+        q, scale = _q8_0_blocks(w, block)
         name = node.input[0]
         g.initializer.remove(inits[name])
         g.initializer.extend([numpy_helper.from_array(q, f"{name}_Q8"),
-                              numpy_helper.from_array(scale.astype(np.float32), f"{name}_scales")])
+                              numpy_helper.from_array(scale, f"{name}_scales")])
         gbq = helper.make_node("GatherBlockQuantized", [f"{name}_Q8", node.input[1], f"{name}_scales"],
                                list(node.output), name=f"{node.name}_Q8", domain="com.microsoft", bits=8,
                                block_size=block, gather_axis=0, quantize_axis=1)
