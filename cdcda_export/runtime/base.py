@@ -255,11 +255,29 @@ def verify_artifact(artifact_dir: str | Path, manifest: dict | None = None) -> N
     if manifest is None:
         manifest = read_manifest(art)
     check_claims(art, manifest)
+    problems = file_problems(art, manifest)
+    if problems:
+        name, what, expected = problems[0]
+        more = ""
+        if len(problems) > 1:
+            more = f"; {len(problems) - 1} more: " + ", ".join(f"{n} ({w.split(' (')[0]})" for n, w, _ in problems[1:6])
+            more += " ..." if len(problems) > 6 else ""
+        raise UserError(f"{what}: the artifact does not match its manifest.json{more}", file=str(art / name),
+                        expected=expected, hint=reexport_hint(art, manifest))
+
+
+def file_problems(artifact_dir: str | Path, manifest: dict) -> list[tuple[str, str, str]]:
+    """``[(file, what is wrong, expected)]`` for the files the manifest lists ([] when all match): sizes of
+    every file first, then sha256. The one file check of the project: :func:`verify_artifact` raises from
+    it and ``export.manifest.verify`` (``cdcda check``) reports it, sharing one per-process cache keyed by
+    the (size, mtime, ctime, inode) of the manifest and of every listed file, so a check followed by a load
+    hashes each file once. A malformed ``files`` table is a :class:`UserError`."""
+    art = Path(artifact_dir)
     table = _file_table(art, manifest)
     key = str(art.resolve())
     sig = _signature(art, table)
     if _VERIFIED.get(key) == sig:
-        return
+        return []
     problems: list[tuple[str, str, str]] = []   # (name, what is wrong, expected)
     for name, (sha, size) in table.items():
         p = art / name
@@ -281,14 +299,9 @@ def verify_artifact(artifact_dir: str | Path, manifest: dict | None = None) -> N
                                        "from another artifact)", f"sha256 {sha}"))
     if problems:
         _VERIFIED.pop(key, None)
-        name, what, expected = problems[0]
-        more = ""
-        if len(problems) > 1:
-            more = f"; {len(problems) - 1} more: " + ", ".join(f"{n} ({w.split(' (')[0]})" for n, w, _ in problems[1:6])
-            more += " ..." if len(problems) > 6 else ""
-        raise UserError(f"{what}: the artifact does not match its manifest.json{more}", file=str(art / name),
-                        expected=expected, hint=reexport_hint(art, manifest))
-    _VERIFIED[key] = sig
+    else:
+        _VERIFIED[key] = sig
+    return problems
 
 
 def greedy_generate(runner: Runner, prompt_ids: Sequence[int], max_new_tokens: int, *,
