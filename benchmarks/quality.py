@@ -139,33 +139,36 @@ def reference_logits(base: Path, adapter: Path | None, seqs):
         return model, [model(torch.tensor([s])).logits[0].float().numpy() for _, s in seqs]
 
 
-def ours(base, adapter, recipe: str, work: Path, seqs):
+def artifact_logits(art: Path, seqs) -> list:
+    """Every position's logits of each sequence through the artifact's runner, a fresh KV cache each
+    (ONNX with 2 threads; ExecuTorch keeps its recipe's thread count)."""
     from cdcda_export import runtime
-    from cdcda_export.export.api import export
 
-    art = export(base, adapter, recipe, work / recipe.replace("/", "-"), progress=False)
-    r = runtime.load(art, threads=2) if recipe.startswith("onnx") else runtime.load(art)
+    fmt = json.loads((art / "manifest.json").read_text())["format"]
+    r = runtime.load(art, threads=2) if fmt == "onnx" else runtime.load(art)
     logits = []
     for _, s in seqs:
         r.reset()
         logits.append(r.prefill(s))
+    return logits
+
+
+def ours(base, adapter, recipe: str, work: Path, seqs):
+    from cdcda_export.export.api import export
+
+    art = export(base, adapter, recipe, work / recipe.replace("/", "-"), progress=False)
+    logits = artifact_logits(art, seqs)
     man = json.loads((art / "manifest.json").read_text())
     model_files = [art / n for n in man["files"] if n.startswith("model")]
     return logits, files_bytes(model_files), man.get("quantization_applied", {})
 
 
 def genai_builder(base, adapter, acc: int, work: Path, seqs):
-    from cdcda_export import runtime
     from cdcda_export.export.api import export
 
     art = export(base, adapter, "onnx/int4", work / f"ortgenai-int4-acc{acc}", progress=False,
                  overrides=["onnx.engine=genai-builder", f"onnx.accuracy_level={acc}"])
-    r = runtime.load(art, threads=2)
-    logits = []
-    for _, s in seqs:
-        r.reset()
-        logits.append(r.prefill(s))
-    return logits, files_bytes([p for p in art.iterdir() if p.name.startswith("model")])
+    return artifact_logits(art, seqs), files_bytes([p for p in art.iterdir() if p.name.startswith("model")])
 
 
 def merged_hf_dir(model, base: Path, work: Path) -> Path:

@@ -73,9 +73,6 @@ class ExportJob:
 
 
 def check_model_dir(path: Path) -> None:
-    if path.suffix.lower() == ".gguf" and path.is_file():
-        raise UserError("a .gguf file reached check_model_dir unresolved (internal)", file=str(path),
-                        hint="resolve it with cdcda_export.models.resolve_base first")
     if not (path / "config.json").is_file():
         found = sorted(p.name for p in path.iterdir())[:10] if path.is_dir() else "nothing (no such directory)"
         raise UserError(f"not a Hugging Face model directory: no config.json (found {found})", file=str(path),

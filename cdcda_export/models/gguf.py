@@ -118,8 +118,10 @@ def _check_supported(path: Path, summary: dict) -> None:
                         hint="re-quantize the GGUF with llama.cpp to Q8_0 or Q4_K_M, or pass an HF directory")
 
 
-def gguf_to_hf(path: str | Path, out: str | Path, *, package: str | None = None, force: bool = False) -> Path:
-    """Convert a GGUF file into an ordinary float32 HF directory ``out`` (atomic); returns ``out``."""
+def gguf_to_hf(path: str | Path, out: str | Path, *, package: str | None = None, force: bool = False,
+               sha256: str | None = None) -> Path:
+    """Convert a GGUF file into an ordinary float32 HF directory ``out`` (atomic); returns ``out``.
+    ``sha256``: the file's digest when the caller has it already (recorded in the provenance)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -162,7 +164,8 @@ def gguf_to_hf(path: str | Path, out: str | Path, *, package: str | None = None,
         tid = tok.convert_tokens_to_ids(special) if special in tok.get_vocab() else None
         if tid is not None and tid not in eos_ids:
             eos_ids.append(int(tid))
-    provenance = {"source": {"gguf": str(path.resolve()), "sha256": sha256_file(path), "bytes": path.stat().st_size,
+    provenance = {"source": {"gguf": str(path.resolve()), "sha256": sha256 or sha256_file(path),
+                             "bytes": path.stat().st_size,
                              "package": package},
                   "gguf_architecture": summary["architecture"], "model_type": model_type,
                   "dequantized_from": summary["tensor_types"], "tensor_type_by_kind": summary["tensor_type_by_kind"],
@@ -199,7 +202,7 @@ def resolve_base(base: str | Path) -> Path:
     if (out / PROVENANCE_FILE).is_file():
         return out
     package = next((pm.pip for pm in PACKAGED.values() if pm.file == p.name), None)
-    return gguf_to_hf(p, out, package=package)
+    return gguf_to_hf(p, out, package=package, sha256=digest)
 
 
 def base_provenance(base_dir: str | Path) -> dict | None:
