@@ -130,13 +130,19 @@ def test_verification_is_cached_per_process_and_redone_when_a_file_changes(art, 
     assert len(calls) == before
 
 
+def _truncate_with_matching_manifest(art: Path, name: str, n: int) -> Path:
+    """Cut ``name`` to ``n`` bytes and rewrite its manifest entry to match: verification passes, loading cannot."""
+    p = art / name
+    p.write_bytes(p.read_bytes()[:n])
+    m = _manifest(art)
+    m["files"][name] = {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": n}
+    (art / "manifest.json").write_text(json.dumps(m))
+    return p
+
+
 def test_load_error_after_verification_names_the_model_file(art):
     """A model file that matches its (rewritten) manifest entry but is not a model: UserError, not a traceback."""
-    p = art / "model.onnx"
-    p.write_bytes(p.read_bytes()[:100])
-    m = _manifest(art)
-    m["files"]["model.onnx"] = {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": 100}
-    (art / "manifest.json").write_text(json.dumps(m))
+    p = _truncate_with_matching_manifest(art, "model.onnx", 100)
     with pytest.raises(UserError, match="the onnx runtime could not load it") as e:
         runtime.load(art)
     assert e.value.file == str(p) and "cdcda export" in str(e.value)
@@ -190,11 +196,7 @@ def test_bench_refuses_a_damaged_artifact_before_copying_it(art):
 def test_executorch_load_error_after_verification_names_the_pte(tiny_artifact, tmp_path):
     """ExecuTorch rejects a truncated .pte (whose manifest entry was rewritten to match): a UserError naming it."""
     art = Path(shutil.copytree(tiny_artifact("tiny", "executorch/xnnpack-fp32"), tmp_path / "pte"))
-    p = art / "model.pte"
-    p.write_bytes(p.read_bytes()[:4000])
-    m = _manifest(art)
-    m["files"]["model.pte"] = {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": 4000}
-    (art / "manifest.json").write_text(json.dumps(m))
+    p = _truncate_with_matching_manifest(art, "model.pte", 4000)
     with pytest.raises(UserError, match="the executorch runtime could not load it") as e:
         runtime.load(art, threads=1)
     assert e.value.file == str(p) and "--recipe executorch/xnnpack-fp32" in str(e.value)
