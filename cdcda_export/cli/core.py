@@ -72,7 +72,7 @@ def data_sample(out: Path = typer.Option(..., help="Folder to copy the synthetic
 
 @app.command("train")
 def train_cmd(
-    base: Path = typer.Option(..., help="HF causal-LM directory (any Llama/Qwen2/Qwen3/Phi-3/SmolLM)."),
+    base: Path = typer.Option(..., help="HF causal-LM directory (any Llama/Qwen2/Qwen3/Phi-3/SmolLM) or a .gguf file."),
     task: str = typer.Option(...),
     questions: Path = typer.Option(...),
     outputs: Optional[Path] = typer.Option(None),
@@ -121,7 +121,7 @@ def merge_cmd(base: Path = typer.Option(...), adapter: Path = typer.Option(...),
 def eval_cmd(
     task: str = typer.Option(...),
     outputs: Path = typer.Option(..., help="LaMP *_outputs.json (golds)"),
-    base: Optional[Path] = typer.Option(None, help="Model to evaluate (with --questions)."),
+    base: Optional[Path] = typer.Option(None, help="Model to evaluate (with --questions): HF directory or .gguf file."),
     questions: Optional[Path] = typer.Option(None),
     adapter: Optional[Path] = typer.Option(None, help="One adapter dir, or an ADAPTERS root with <user>/ dirs."),
     users: Optional[str] = typer.Option(None),

@@ -12,7 +12,7 @@ from . import app
 
 @app.command("export")
 def export_cmd(
-    base: Path = typer.Option(..., help="Base HF model directory."),
+    base: Path = typer.Option(..., help="Base model: HF directory or .gguf file (converted once, cached by content hash)."),
     recipe: str = typer.Option(..., help="Recipe name (e.g. onnx/int4, xnnpack-8da4w) or a recipe YAML file."),
     out: Path = typer.Option(..., help="Artifact directory to write."),
     adapter: Optional[Path] = typer.Option(None, help="peft LoRA adapter directory to merge first."),
