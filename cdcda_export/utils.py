@@ -65,15 +65,85 @@ def write_json_atomic(path: str | Path, data: Any, indent: int = 2) -> None:
         raise
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file by rename: a reader (or a killed writer) never sees half of it."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    """True when process ``pid`` exists on this machine and is not a zombie (a killed child not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) said it exists
+
+
+def partial_prefix(final: str | Path) -> str:
+    """The name prefix of ``final``'s in-progress directories: ``.<name>.partial-<pid>-``."""
+    return f".{Path(final).name}.partial-{os.getpid()}-"
+
+
+def clean_stale_partials(final: str | Path) -> list[Path]:
+    """Remove ``.<name>.partial-<pid>-*`` directories next to ``final`` whose owner process is gone.
+
+    A SIGKILLed (or out-of-memory-killed) build cannot clean up after itself; its partial directory
+    carries its pid, so the next build of the same output removes it. A partial directory whose pid
+    is alive (a concurrent build of the same output) is never touched, nor one without a pid in
+    its name (made by an older version: its owner cannot be told). Returns the removed paths.
+    """
+    final = Path(final)
+    prefix = f".{final.name}.partial-"
+    removed: list[Path] = []
+    try:
+        entries = list(final.parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        if not p.name.startswith(prefix) or not p.is_dir():
+            continue
+        m = re.match(r"(\d+)-", p.name[len(prefix):])
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        if not p.exists():
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name next to ``final``; rename into place on success.
 
-    An interrupted build leaves only ``.<name>.partial-*`` (never something that looks complete).
+    An interrupted build leaves only ``.<name>.partial-<pid>-*`` (never something that looks complete);
+    the next build of the same ``final`` removes those whose process is gone (:func:`clean_stale_partials`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    clean_stale_partials(final)
+    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(final), dir=final.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the finished directory should read like any other
     try:
         yield tmp

@@ -98,8 +98,14 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(tiny_base, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         train_users(tiny_base, TASK, q, o, out, users=["3002"], max_steps=1, progress=False)
     assert not (out / "3002").exists()
-    # A hard kill (no cleanup) leaves a hidden partial folder; it is not taken as done and is removed.
-    stale = out / ".3002.partial-killed"
+    # A hard kill (no cleanup) leaves a hidden partial folder named with its pid; it is not taken as done and,
+    # its process being gone, is removed.
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = out / f".3002.partial-{gone.pid}-killed"
     stale.mkdir(parents=True)
     (stale / "adapter_model.safetensors").write_bytes(b"half")
     monkeypatch.setattr(T, "_save_adapter", real_save)

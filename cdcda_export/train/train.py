@@ -7,7 +7,7 @@ linear decay, loss on answer tokens only). The held-out pairs and the user's LaM
 gold exists) are answered greedily before and after training.
 
 Output per user, written atomically (``utils.atomic_dir``; an interrupted run leaves only a hidden
-``.<user>.partial-*`` folder, which the next run removes)::
+``.<user>.partial-<pid>-*`` folder, which the next run removes once that process is gone)::
 
     ADAPTERS/<user>/adapter_config.json, adapter_model.safetensors   (peft)
     ADAPTERS/<user>/training.json                                    (provenance, data, loss, metrics)
@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UserError
-from ..utils import atomic_dir, now_iso, sha256_dir, versions, write_json_atomic
+from ..utils import atomic_dir, clean_stale_partials, now_iso, sha256_dir, versions, write_json_atomic
 from .format import (ANSWER_PREFIX, DEFAULT_MAX_SEQ_LEN, IGNORE_INDEX, RETRIEVE_K, encode_example,
                      eos_token_ids, pair_text, query_text)
 
@@ -325,8 +324,9 @@ def is_complete(adapter_dir: Path) -> bool:
 
 
 def _clean_partials(out: Path, user_id: str) -> None:
-    for p in out.glob(f".{user_id}.partial-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    """Remove what killed runs left of this user (``.<user>.partial-<pid>-*`` of a process that is gone);
+    a concurrent run's partial folder is left alone."""
+    clean_stale_partials(out / user_id)
 
 
 def _update_report(out: Path, task: str, base_info: dict, results: list[UserTrainResult]) -> None:
