@@ -49,13 +49,20 @@ class ExportJob:
     work_dir: Path                  # scratch space, deleted afterwards
     base_dir: Path
     progress: Callable[[str], None] = lambda msg: None
+    lora: Any = None                # LoraLayout: a base package whose graph takes LoRA A/B inputs (export/lora.py)
     _merged_dir: Path | None = field(default=None, repr=False)
 
     def decoder(self, cache="io", **kwargs):
-        """The export-ready decoder over this job's (merged) weights."""
+        """The export-ready decoder over this job's (merged) weights; with ``lora`` set, its targeted linears
+        take LoRA A/B inputs after the cache strategy's inputs."""
         from .decoder import ExportDecoder
 
-        return ExportDecoder.from_hf(self.model, max_seq_len=self.recipe.max_seq_len, cache=cache, **kwargs)
+        dec = ExportDecoder.from_hf(self.model, max_seq_len=self.recipe.max_seq_len, cache=cache, **kwargs)
+        if self.lora is not None:
+            from .lora import attach
+
+            attach(dec, self.lora)
+        return dec
 
     def merged_hf_dir(self) -> Path:
         """The merged model saved as a HF directory (for tools that read one, e.g. ORT GenAI's builder)."""
@@ -147,6 +154,23 @@ def adapter_provenance(adapter: Path | None) -> tuple[str | None, str | None]:
     return str(meta.get("user_id") or adapter.name), meta.get("task")
 
 
+def artifact_prompt_format(base: Path, adapter: Path | None) -> dict:
+    """``io.prompt_format``: how the app formats a prompt (``train.format.PromptFormat.describe``): the
+    format the adapter's training.json records (plain before it was recorded), else auto on the base."""
+    from transformers import AutoTokenizer
+
+    from ..train.format import recorded_prompt_format, resolve_prompt_format
+
+    kind = "auto"
+    if adapter is not None:
+        tj = adapter / "training.json"
+        try:
+            kind = recorded_prompt_format(json.loads(tj.read_text(encoding="utf-8")) if tj.is_file() else None)
+        except json.JSONDecodeError:
+            kind = "plain"
+    return resolve_prompt_format(AutoTokenizer.from_pretrained(str(base)), kind, base).describe()
+
+
 # ----------------------------------------------------------------------------- progress
 
 
@@ -172,7 +196,8 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[..., None]]:
 # ----------------------------------------------------------------------------- export
 
 
-def _same_inputs(out: Path, recipe_resolved: dict, base_sha: str, adapter_sha: str | None) -> bool:
+def _same_inputs(out: Path, recipe_resolved: dict, base_sha: str, adapter_sha: str | None,
+                 lora: dict | None = None) -> bool:
     mp = out / MANIFEST
     if not mp.is_file():
         return False
@@ -181,7 +206,7 @@ def _same_inputs(out: Path, recipe_resolved: dict, base_sha: str, adapter_sha: s
     except json.JSONDecodeError:
         return False
     return (m.get("recipe", {}).get("resolved") == recipe_resolved and m.get("base_model", {}).get("sha256") == base_sha
-            and (m.get("adapter") or {}).get("sha256") == adapter_sha)
+            and (m.get("adapter") or {}).get("sha256") == adapter_sha and m.get("lora") == lora)
 
 
 def _check_writable(out: Path) -> None:
@@ -198,11 +223,14 @@ def _check_writable(out: Path) -> None:
 
 def export(base: str | Path, adapter: str | Path | None, recipe: str | Path | Recipe, out: str | Path, *,
            overwrite: bool = False, progress: bool = True, overrides: list[str] | None = None,
-           allow_base_mismatch: bool = False) -> Path:
+           allow_base_mismatch: bool = False, lora=None) -> Path:
     """Export ``base`` (+ ``adapter``) with ``recipe`` into the artifact directory ``out``; returns ``out``.
 
     An adapter whose ``training.json`` names another base (sha256) or is damaged is refused before any work;
-    ``allow_base_mismatch`` exports anyway and records it in the manifest (``adapter.base_mismatch``)."""
+    ``allow_base_mismatch`` exports anyway and records it in the manifest (``adapter.base_mismatch``).
+    ``lora`` (a :class:`~cdcda_export.export.lora.LoraLayout`, no adapter): a **base package** whose graph
+    takes each user's LoRA weights as inputs (manifest ``delivery: base-package``, ``lora``); see
+    :mod:`cdcda_export.export.packages`."""
     import torch
 
     from ..models.gguf import base_provenance, resolve_base
@@ -233,13 +261,18 @@ def export(base: str | Path, adapter: str | Path | None, recipe: str | Path | Re
                                 hint="pass the --base the adapter was trained on, or --allow-base-mismatch to "
                                      "export anyway (recorded in the manifest)") from None
             mismatch = str(e).split("\n  next:")[0]
+    if lora is not None and adapter is not None:
+        raise UserError("a base package is built without an adapter (users' adapters become adapter packages)",
+                        field="--adapter", hint="build the base package first, then `cdcda export --adapter-only`")
+    lora_dict = lora.to_dict() if lora is not None else None
     if out.exists() and not overwrite:
-        if _same_inputs(out, resolved, base_sha, adapter_sha):
+        if _same_inputs(out, resolved, base_sha, adapter_sha, lora_dict):
             return out
         raise UserError("output directory already exists (from other inputs)", file=str(out),
                         hint="pass --force to replace it, or choose another --out")
     _check_writable(out)
     user_id, task = adapter_provenance(adapter)
+    prompt_format = artifact_prompt_format(base, adapter)
 
     with _progress(progress, total=4) as step, atomic_dir(out, overwrite=overwrite) as tmp, \
             tempfile.TemporaryDirectory(prefix=".cdcda-export-work-", dir=out.parent) as work:
@@ -247,7 +280,7 @@ def export(base: str | Path, adapter: str | Path | None, recipe: str | Path | Re
         model = load_merged_model(base, adapter)
         step(f"exporting {rec.format}/{rec.name}")
         job = ExportJob(model=model, recipe=rec, out_dir=tmp, work_dir=Path(work), base_dir=base,
-                        progress=lambda msg: step(msg, advance=False))
+                        progress=lambda msg: step(msg, advance=False), lora=lora)
         with torch.no_grad():
             result = exporter(job) or {}
         step("writing tokenizer + manifest")
@@ -264,8 +297,12 @@ def export(base: str | Path, adapter: str | Path | None, recipe: str | Path | Re
         io = {"methods": ["forward"], "inputs": {}, "outputs": {}, "kv_cache": {},
               "max_seq_len": rec.max_seq_len, "prefill_len": rec.prefill_len,
               "vocab_size": int(cfg.vocab_size), "eos_token_ids": eos_ids,
-              "bos_token_id": None if bos is None else int(bos), "model_type": cfg.model_type}
+              "bos_token_id": None if bos is None else int(bos), "model_type": cfg.model_type,
+              "prompt_format": prompt_format}
         io.update(result.get("io", {}))
+        eot = prompt_format.get("end_of_turn_token_id")
+        if eot is not None and int(eot) not in io["eos_token_ids"]:
+            io["eos_token_ids"] = [*io["eos_token_ids"], int(eot)]   # a chat answer ends with end-of-turn
         manifest = {
             "format": rec.format,
             "recipe": {"name": rec.name, "source": str(recipe_src) if recipe_src else None, "resolved": resolved},
@@ -282,6 +319,9 @@ def export(base: str | Path, adapter: str | Path | None, recipe: str | Path | Re
             "export": {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_mb(), 1)},
             "quantization_applied": result.get("quantization_applied", {}),
         }
+        if lora is not None:
+            manifest["delivery"] = "base-package"
+            manifest["lora"] = lora_dict
         if result.get("extra"):
             manifest["export"].update(result["extra"])
         # digests of what the artifact claims to be: a later hand edit of these fields is named on load

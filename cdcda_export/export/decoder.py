@@ -441,8 +441,13 @@ def _family(config) -> str:
     mt = getattr(config, "model_type", "")
     if mt in SUPPORTED_FAMILIES:
         return mt
+    src = getattr(config, "_name_or_path", "") or ""   # the base directory the model was loaded from
     raise UserError(f"model_type {mt!r} is not supported by the export decoder",
-                    field="model_type", expected=f"one of {', '.join(SUPPORTED_FAMILIES)}")
+                    file=f"{str(src).rstrip('/')}/config.json" if src else "config.json of the base model",
+                    field="model_type", expected=f"one of {', '.join(SUPPORTED_FAMILIES)}",
+                    hint="export a base of a supported family (Llama/SmolLM, Qwen2, Qwen3, Phi-3), e.g. the real "
+                         "SmolLM2-135M-Instruct: `cdcda init-model --arch smollm2-135m-instruct --out DIR`, then "
+                         "`cdcda export --base DIR ...`")
 
 
 def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -469,6 +474,10 @@ class ExportDecoder(nn.Module):
         self.register_buffer("rope_sin", rope_sin, persistent=False)
         self.register_buffer("rotate_half_w", None, persistent=False)   # set by from_hf(rope_as_matmul=True)
         self.last_logits_only = False   # True: lm_head on the last fed position only -> [B, 1, vocab]
+        # LoRA as inputs (export/lora.py ``attach``): forward takes them after the strategy's inputs
+        self.lora_layout = None
+        self.lora_names: list[str] = []
+        self.lora_feed: dict = {}
         self.cache = cache
         cache.setup(self)
 
@@ -580,6 +589,11 @@ class ExportDecoder(nn.Module):
         return dec
 
     def forward(self, *inputs):
+        if self.lora_names:   # trailing inputs: the LoRA A/B tensors, read by the wrapped linears
+            n = len(self.lora_names)
+            inputs, lora = inputs[:-n], inputs[-n:]
+            self.lora_feed.clear()
+            self.lora_feed.update(zip(self.lora_names, lora))
         ctx = self.cache.prepare(self, *inputs)
         bthd = self.cache.layout == "bthd"
         cos, sin = ctx.cos, ctx.sin
@@ -624,7 +638,8 @@ class ExportDecoder(nn.Module):
         return {"cache_strategy": self.cache.name, "max_seq_len": sp.max_seq_len,
                 "vocab_size": sp.vocab_size, "bos_token_id": sp.bos_token_id, "eos_token_ids": sp.eos_token_ids,
                 "num_layers": sp.num_layers, "num_heads": sp.num_heads, "num_kv_heads": sp.num_kv_heads,
-                "head_dim": sp.head_dim, "hidden_size": sp.hidden_size, "family": sp.family,
+                "head_dim": sp.head_dim, "hidden_size": sp.hidden_size, "intermediate_size": sp.intermediate_size,
+                "family": sp.family,
                 **self.cache.io_description()}
 
 

@@ -203,14 +203,36 @@ def cache_strategy(name: str, share_buffer: bool = True):
     return name
 
 
-def _dynamic_shapes(n_layers: int):
+def _dynamic_shapes(n_layers: int, n_lora: int = 0):
     from torch.export import Dim
 
     seq = Dim("seq", min=1, max=32768)
     past = Dim("past_seq", min=0, max=32768)
     shapes = [{1: seq}, {1: Dim.AUTO}, {1: seq}]
     shapes += [{2: past}] * (2 * n_layers)
+    rank = Dim("lora_rank", min=2, max=1024)
+    shapes += [{1: rank}, {0: rank}] * (n_lora // 2)    # A [in, r], B [r, out]: any rank fits the graph
     return tuple(shapes)
+
+
+def lora_defaults(proto, names: list[str]) -> None:
+    """Give every LoRA graph input an empty default initializer (A [in, 0], B [0, out]), in place.
+
+    ONNX Runtime's adapters (``onnxruntime.LoraAdapter`` / ORT GenAI ``og.Adapters``) override inputs that
+    have a same-named initializer; with no adapter active the defaults apply, and a rank-0 product adds
+    zeros, so the base package runs as the plain base. Empty defaults cost no bytes, and the rank stays a
+    free dimension: one base package takes adapters of any rank."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    g = proto.graph
+    have = {i.name for i in g.initializer}
+    for inp in g.input:
+        if inp.name not in names or inp.name in have:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in inp.type.tensor_type.shape.dim]
+        dtype = {TensorProto.FLOAT16: np.float16, TensorProto.FLOAT: np.float32}[inp.type.tensor_type.elem_type]
+        g.initializer.append(numpy_helper.from_array(np.zeros(dims, dtype=dtype), inp.name))
 
 
 def _save(model_proto, path: Path) -> None:
@@ -246,11 +268,15 @@ def export_decoder_onnx(dec, path: Path, opset: int, fuse: bool = False) -> dict
     import torch
 
     example = dec.cache.example_inputs(dec, seq_len=3, past_len=5)
+    if dec.lora_names:   # base package: the LoRA A/B tensors are graph inputs (export/lora.py)
+        from .lora import example_tensors
+
+        example = (*example, *example_tensors(dec.lora_layout, dec.spec))
     table = {_gqa_op(): _gqa_onnx} if dec.cache.name == "ort-gqa" else None
     prog = torch.onnx.export(
         dec, example, dynamo=True, opset_version=opset, optimize=True, external_data=True,
-        input_names=dec.cache.input_names(), output_names=dec.cache.output_names(),
-        dynamic_shapes=(_dynamic_shapes(dec.spec.num_layers),), verbose=False, report=False,
+        input_names=dec.cache.input_names() + dec.lora_names, output_names=dec.cache.output_names(),
+        dynamic_shapes=(_dynamic_shapes(dec.spec.num_layers, len(dec.lora_names)),), verbose=False, report=False,
         custom_translation_table=table)
     fused = ort_fusions(prog.model) if fuse else {}
     proto = prog.model_proto
@@ -582,6 +608,9 @@ def export_onnx(job) -> dict:
     io = {"methods": ["forward"], "engine": opts.engine, **dec.io_description()}
     final = job.out_dir / MODEL_FILE
     if opts.engine == "genai-builder":
+        if job.lora is not None:
+            raise UserError("onnx.engine genai-builder cannot build a base package (LoRA inputs)",
+                            field="onnx.engine", expected="decoder", hint="use onnx/int4 or onnx/int8")
         cfg = _via_builder(job)
         io["share_buffer"] = bool(cfg["search"].get("past_present_share_buffer", False))
         io["kv_cache"]["present"] = "past_present_share_buffer" if io["share_buffer"] else "concat(past, new)"
@@ -613,6 +642,16 @@ def export_onnx(job) -> dict:
         extra_facts = _quantize(fp32, final, rec, job.work_dir, spec=spec)
         timings["quantize_s"] = round(time.perf_counter() - t0, 2)
     del dec
+    if job.lora is not None:   # base package: empty defaults for the LoRA inputs (ORT's adapter contract)
+        import onnx
+
+        proto = onnx.load(str(final))
+        lora_defaults(proto, list(job.lora.shapes(spec)))
+        _save(proto, final)
+        del proto
+        io["lora"] = {**job.lora.to_dict(), "inputs": "lora.{layer}.{target}.A [in, rank] | .B [rank, out]",
+                      "rank_dim": "dynamic (any rank; empty defaults = no adapter)",
+                      "adapter_file": "adapter.onnx_adapter (onnxruntime.AdapterFormat)"}
     cfg = genai_config(spec, rec, share_buffer=bool(io.get("share_buffer")))
     (job.out_dir / "genai_config.json").write_text(json.dumps(cfg, indent=4))
     facts = {**_quant_facts(final, q.scheme), **extra_facts}

@@ -22,7 +22,7 @@ _RUNNERS = {
 }
 
 
-def load(artifact_dir: str | Path, *, verify: bool = True, **options) -> Runner:
+def load(artifact_dir: str | Path, *, verify: bool = True, adapter: str | Path | None = None, **options) -> Runner:
     """Load an artifact directory. ``options`` go to the format's runner (e.g. ``threads=1``).
 
     ``verify`` (default): check the manifest's file sizes and sha256 first (:func:`verify_artifact`,
@@ -30,6 +30,9 @@ def load(artifact_dir: str | Path, *, verify: bool = True, **options) -> Runner:
     verified the artifact on the host before copying it, and hashing must not count as load time.
     Raises :class:`UserError` for a damaged artifact or a model the runtime cannot load, and
     :class:`RuntimeUnavailable` when this host cannot run the format at all.
+
+    ``adapter``: an adapter package for a base package (``cdcda export --adapter-only``); the runner's
+    ``set_adapter(package | None)`` switches users later without reloading the base.
     """
     art = Path(artifact_dir)
     manifest = read_manifest(art)
@@ -43,8 +46,18 @@ def load(artifact_dir: str | Path, *, verify: bool = True, **options) -> Runner:
         raise ValueError(f"{fmt} engine {engine!r} is not known; known: {', '.join(module.ENGINES)}")
     if verify:
         verify_artifact(art, manifest)
+    if adapter is not None and manifest.get("delivery") != "base-package":
+        raise UserError("an adapter package needs a base package; this artifact is a merged artifact (no LoRA "
+                        "inputs)", file=str(art / "manifest.json"), field="delivery", expected="base-package",
+                        hint="load the base package the adapter was written for (its manifest's base_package.source)")
     try:
-        return module.load(art, manifest, **options)
+        runner = module.load(art, manifest, **options)
+        if adapter is not None:
+            if not hasattr(runner, "set_adapter"):
+                raise UserError(f"the {fmt} runner ({options.get('engine') or 'default engine'}) cannot apply "
+                                "adapter packages", field="engine", hint="use the default engine")
+            runner.set_adapter(Path(adapter))
+        return runner
     except (UserError, RuntimeUnavailable):
         raise
     except KeyError as e:   # the runner read a key the manifest lacks

@@ -180,7 +180,7 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
 # them), and bookkeeping (versions, created_at, export timings). This catches edits, not forgery: whoever
 # edits a field can also rewrite its digest.
 CLAIM_FIELDS = ("format", "recipe.name", "recipe.resolved", "quantization_applied", "io", "base_model.sha256",
-                "adapter.sha256", "adapter.base_mismatch", "user_id", "task")
+                "adapter.sha256", "adapter.base_mismatch", "user_id", "task", "delivery", "lora", "base_package")
 _EXPANDED = ("recipe.resolved", "io")     # digested per sub-key, so an edit names e.g. recipe.resolved.quantization
 _ABSENT = object()
 

@@ -39,7 +39,12 @@ class OnnxRunner:
         if threads:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(model), sess_options=so, providers=[provider])
+        self.lora_names: list[str] = []
+        if manifest.get("delivery") == "base-package":
+            self.session = self._base_package_session(model, so, provider)
+            self._set_lora({})
+        else:
+            self.session = ort.InferenceSession(str(model), sess_options=so, providers=[provider])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
@@ -52,7 +57,74 @@ class OnnxRunner:
         self.head_dim = dims[3] or int(io["head_dim"])
         self.ids_dtype = _NP.get(self.inputs["input_ids"].type, np.int64)
         self.mask_dtype = _NP.get(self.inputs["attention_mask"].type, np.int64) if "attention_mask" in self.inputs else None
+        self.adapter = None         # the active adapter package (base packages only)
         self.reset()
+
+    def _base_package_session(self, model: Path, so, provider: str):
+        """A base package's session with its LoRA inputs as plain inputs that this runner feeds.
+
+        The base package gives each LoRA input an empty default initializer, the contract of ORT's adapters
+        (ORT GenAI's ``og.Adapters`` applies ``.onnx_adapter`` files to it, see :mod:`.onnx_genai`). In
+        onnxruntime 1.32's Python API, though, ``run_with_iobinding`` ignores the adapters of
+        ``RunOptions.add_active_adapter`` and IOBinding cannot bind an input that has an initializer
+        ("Failed to find NodeArg ... in the def list"), and this runner needs IOBinding for the shared KV
+        buffers. So the session is built from the graph with those empty defaults dropped (in memory; the
+        weights still come from the artifact's data file) and the active adapter's tensors are bound as
+        inputs. Tested by tests/test_adapter_packages.py (adapter vs merged logits, both engines)."""
+        import onnx
+        import onnxruntime as ort
+
+        proto = onnx.load(str(model), load_external_data=False)
+        graph_inputs = {i.name for i in proto.graph.input}
+        keep = [i for i in proto.graph.initializer if not (i.name.startswith("lora.") and i.name in graph_inputs)]
+        self.lora_names = [i.name for i in proto.graph.initializer if i.name.startswith("lora.") and i.name in graph_inputs]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(keep)
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.parent))
+        return ort.InferenceSession(proto.SerializeToString(), sess_options=so, providers=[provider])
+
+    def _set_lora(self, tensors: dict) -> None:
+        import onnxruntime as ort
+
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        values = {}
+        for name in self.lora_names:
+            arr = tensors.get(name)
+            if arr is None:   # no adapter (or a target it lacks): rank 0, the product adds zeros
+                shape = [d if isinstance(d, int) else 0 for d in inputs[name].shape]
+                arr = np.zeros(shape, dtype=_NP.get(inputs[name].type, np.float16))
+            values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
+        self.lora_values = values
+
+    def set_adapter(self, package) -> float:
+        """Make one user's adapter package active (``None``: the plain base); the base session is kept.
+
+        Reads the ``.onnx_adapter`` file (``onnxruntime.AdapterFormat``) after checking that the package was
+        written for this base package (its hash) and that its files match their sha256; its tensors are then
+        fed to the same-named LoRA inputs on every call. Returns the seconds it took (the user-switch time)."""
+        import time
+
+        import onnxruntime as ort
+
+        from .adapters import read_adapter_package
+
+        t0 = time.perf_counter()
+        if not self.lora_names:
+            from ..errors import UserError
+
+            raise UserError("this artifact takes no adapter (it is not a base package)",
+                            field="delivery", expected="base-package")
+        if package is None:
+            self._set_lora({})
+            self.adapter = None
+            return time.perf_counter() - t0
+        m = read_adapter_package(package, self.manifest)
+        fmt = ort.AdapterFormat.read_adapter(str(Path(package) / m["adapter_file"]))
+        # copies: the OrtValues point into the AdapterFormat's buffer, which is freed with it
+        self._set_lora({k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()})
+        del fmt
+        self.adapter = {"package": str(package), "user_id": m.get("user_id")}
+        return time.perf_counter() - t0
 
     def reset(self) -> None:
         n = self.max_seq_len if self.share_buffer else 0
@@ -77,6 +149,8 @@ class OnnxRunner:
         if self.share_buffer:
             return self._run_bound(feeds, total)
         feeds.update(self.past)
+        if self.lora_names:
+            feeds.update({k: v.numpy() for k, v in self.lora_values.items()})
         outs = self.session.run(None, feeds)
         res = dict(zip(self.output_names, outs))
         for past, present in zip(self.past_names, self.present_names):
@@ -92,6 +166,8 @@ class OnnxRunner:
         for past, present in zip(self.past_names, self.present_names):
             b.bind_ortvalue_input(past, self.kv_values[past])
             b.bind_ortvalue_output(present, self.kv_values[past])
+        for name, value in getattr(self, "lora_values", {}).items():
+            b.bind_ortvalue_input(name, value)
         self.session.run_with_iobinding(b)
         self.position = total
         return np.asarray(b.get_outputs()[0].numpy()[0], dtype=np.float32)
