@@ -11,8 +11,11 @@ import json
 import os
 import shutil
 import signal
+import queue
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from cdcda_export import runtime
 from cdcda_export.errors import UserError, ValidationErrors
 from cdcda_export.export.api import export
 from cdcda_export.export.manifest import verify
+from cdcda_export.utils import atomic_dir, clean_stale_partials
 
 CLI = [sys.executable, "-c", "from cdcda_export.cli import main; main()"]
 
@@ -239,7 +243,211 @@ def test_sigkill_mid_export_leaves_nothing_complete_and_rerun_succeeds(tiny_mode
             os.kill(proc.pid, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists(), "a killed export left a final --out directory"
+    killed = list(tmp_path.glob(f".art.partial-{proc.pid}-*"))
+    assert killed, "the killed export's partial directory (named with its pid) is where it should be"
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert verify(out) == []
     runtime.load(out)
+    # the rerun removed the killed run's partial directory (its pid is gone)
+    assert not any(p.exists() for p in killed) and not list(tmp_path.glob(".art.partial-*"))
+
+
+# ------------------------------------------------------------------ stale partial directories of killed runs
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _wait_zombie(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} did not become a zombie")
+
+
+def test_stale_partial_dirs_of_gone_processes_are_removed_and_live_ones_kept(tmp_path):
+    """A killed build leaves `.NAME.partial-<pid>-*`; the next build of NAME removes those whose process is
+    gone (exited, or killed and not yet reaped), and never one of a live process (a concurrent build), of
+    another NAME, or one without a pid in its name (an older version's: its owner cannot be told)."""
+    final = tmp_path / "art"
+    dead = _dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        stale = tmp_path / f".art.partial-{dead}-x1"
+        stale.mkdir()
+        (stale / "model.onnx").write_bytes(b"half a model")
+        running = tmp_path / f".art.partial-{live.pid}-x2"
+        running.mkdir()
+        other = tmp_path / f".art2.partial-{dead}-x3"
+        other.mkdir()
+        legacy = tmp_path / ".art.partial-k3j2h1"
+        legacy.mkdir()
+        with atomic_dir(final) as tmp:
+            assert tmp.name.startswith(f".art.partial-{os.getpid()}-"), tmp.name
+            assert not stale.exists(), "cleaned before the new build starts"
+            (tmp / "manifest.json").write_text("{}")
+        assert (final / "manifest.json").is_file()
+        assert running.is_dir() and other.is_dir() and legacy.is_dir()
+        # the concurrent build's process is killed and not reaped yet (a zombie): its folder is stale now
+        live.kill()
+        _wait_zombie(live.pid)
+        assert clean_stale_partials(final) == [running]
+        assert other.is_dir() and legacy.is_dir()
+    finally:
+        live.kill()
+        live.wait()
+
+
+# ------------------------------------------------------------------ SIGKILL at the other stages
+
+
+def _spawn(cmd: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def _sigkill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> str:
+    """Read the child's output until ``ready(output so far)`` is true, then SIGKILL the child (only it: its
+    own children are left to fend for themselves, as after a real kill). Returns the output."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in iter(proc.stdout.readline, "")], daemon=True).start()
+    out = ""
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready(out):
+            try:
+                out += lines.get(timeout=0.02)
+            except queue.Empty:
+                pass
+            assert proc.poll() is None, f"finished (exit {proc.returncode}) before it could be killed:\n{out[-3000:]}"
+            assert time.monotonic() < deadline, f"not ready after {timeout} s:\n{out[-3000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    return out
+
+
+def test_sigkill_mid_train_keeps_finished_users_and_rerun_trains_the_rest(tiny_model_dir, tmp_path):
+    """`cdcda train` of two users killed while the second trains: the first user's adapter stays complete
+    and untouched, the second has no folder, and the same command trains only the second."""
+    from cdcda_export.data import sample_paths
+    from cdcda_export.train.train import is_complete
+
+    q, o = sample_paths("LaMP-3")
+    out = tmp_path / "adapters"
+    cmd = [*CLI, "train", "--base", str(tiny_model_dir("tiny")), "--task", "LaMP-3", "--questions", str(q),
+           "--outputs", str(o), "--out", str(out), "--users", "3000,3001", "--max-steps", "300"]
+    _sigkill_when(_spawn(cmd), lambda _: is_complete(out / "3000"))
+    assert is_complete(out / "3000")
+    first = (out / "3000" / "training.json").read_bytes()
+    assert not (out / "3001").exists(), "a killed train left a user folder"
+    r = subprocess.run([*cmd[:-1], "40"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "3000" / "training.json").read_bytes() == first, "finished work was redone"
+    assert is_complete(out / "3001")
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["users"]["3000"]["status"] == "exists" and report["users"]["3001"]["status"] == "trained"
+    assert not list(out.glob(".*.partial-*"))
+
+
+# The merge, paused at its last write: the merged weights are saved in the partial folder, merge.json and the
+# rename into place are not done. Only the timing changes (a real kill cannot be aimed at a 20 ms window).
+_PAUSED_MERGE = textwrap.dedent("""
+    import os, pathlib, time
+    import cdcda_export.train.merge as M
+
+    def paused(path, data, **kw):
+        pathlib.Path(os.environ["PAUSE_MARK"]).write_text(str(path))
+        time.sleep(600)
+
+    M.write_json_atomic = paused
+    from cdcda_export.cli import main
+    main()
+""")
+
+
+def test_sigkill_mid_merge_leaves_nothing_complete_and_rerun_succeeds(tiny_model_dir, lora, tmp_path):
+    base, out, mark = tiny_model_dir("tiny"), tmp_path / "merged", tmp_path / "paused"
+    args = ["merge", "--base", str(base), "--adapter", str(lora), "--out", str(out)]
+    proc = _spawn([sys.executable, "-c", _PAUSED_MERGE, *args], env={**os.environ, "PAUSE_MARK": str(mark)})
+    _sigkill_when(proc, lambda _: mark.exists())
+    partial = list(tmp_path.glob(f".merged.partial-{proc.pid}-*"))
+    assert len(partial) == 1 and (partial[0] / "model.safetensors").is_file(), "killed mid-write, as meant"
+    assert not out.exists(), "a killed merge left a final --out directory"
+    r = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from cdcda_export.train.merge import merge_is_current
+    from cdcda_export.utils import sha256_dir
+
+    assert merge_is_current(out, sha256_dir(base), sha256_dir(lora))
+    assert not partial[0].exists() and not list(tmp_path.glob(".merged.partial-*"))
+
+
+def test_sigkill_mid_check_leaves_no_report_and_rerun_succeeds(tiny_artifact, tmp_path):
+    """`cdcda check --report --junit --markdown` killed while it compares: no report file of any kind (they are
+    written by rename, after the work); the same command then writes all three."""
+    import xml.etree.ElementTree as ET
+
+    art = tiny_artifact("tiny", "onnx/fp32")
+    report, junit, md = tmp_path / "r" / "report.json", tmp_path / "r" / "junit.xml", tmp_path / "r" / "check.md"
+    cmd = [*CLI, "check", str(art), "--report", str(report), "--junit", str(junit), "--markdown", str(md),
+           "--max-new-tokens", "48"]
+    _sigkill_when(_spawn(cmd, env={**os.environ, "COLUMNS": "200"}), lambda out: f"checking {art}" in out)
+    assert not report.exists() and not junit.exists() and not md.exists()
+    left = [p.name for p in report.parent.iterdir()] if report.parent.exists() else []
+    assert not [n for n in left if not n.startswith(".")], left
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads(report.read_text())["passed"] is True
+    assert ET.parse(junit).getroot().get("failures") == "0"
+    assert md.read_text().startswith("# Fidelity check")
+
+
+def _bench_processes(art: Path) -> list[int]:
+    """Pids of live bench runner processes (supervisor or measured child) working on ``art``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and any(a.endswith(b"bench_runner.py") for a in argv) and str(art.resolve()).encode() in argv:
+            pids.append(int(d.name))
+    return pids
+
+
+def test_sigkill_mid_bench_leaves_no_result_and_no_runner_and_rerun_succeeds(tiny_artifact, tmp_path):
+    """`cdcda bench --json` killed during its measured runs: no result file, and its runner processes on the
+    host do not outlive it by more than the run under way (they write to the killed process's pipe, so the
+    next line ends them; otherwise they would keep measuring into a folder nobody reads: 60 runs of this
+    artifact take about 20 s); the same command then writes the result."""
+    art = Path(shutil.copytree(tiny_artifact("tiny", "onnx/fp32"), tmp_path / "art"))
+    res = tmp_path / "bench" / "result.json"
+    cmd = [*CLI, "bench", str(art), "--device", "host", "--prompt-len", "16", "--gen-len", "32", "--runs", "60",
+           "--warmup", "1", "--json", str(res)]
+    _sigkill_when(_spawn(cmd), lambda out: "warm-up" in out and _bench_processes(art))
+    assert not res.exists()
+    assert not [p for p in res.parent.iterdir() if not p.name.startswith(".")] if res.parent.exists() else True
+    deadline = time.monotonic() + 3
+    while _bench_processes(art) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _bench_processes(art) == [], "bench runner processes outlived the killed `cdcda bench`"
+    r = subprocess.run([*cmd[:cmd.index("--runs") + 1], "2", *cmd[cmd.index("--runs") + 2:]], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(res.read_text())
+    assert len([x for x in result["runs"] if not x.get("warmup")]) == 2

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 from xml.sax.saxutils import quoteattr
 
-from ..utils import write_json_atomic
+from ..utils import write_json_atomic, write_text_atomic
 
 TABLE_METRICS = ("max_abs_logit_err", "mean_kl", "top1_agreement", "greedy_match_rate", "greedy_match_rate_free",
                  "ppl_ratio", "task_metric_ref", "task_metric_artifact")
@@ -121,11 +121,7 @@ def write_junit(path: str | Path, reports: list[dict]) -> None:
                       f'skipped="{ns}">\n' + "\n".join(lines) + "\n  </testsuite>")
     xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuites name="cdcda check" tests="{total}" '
            f'failures="{fails}" errors="0" skipped="{skips}">\n' + "\n".join(suites) + "\n</testsuites>\n")
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(xml, encoding="utf-8")
-    tmp.replace(p)
+    write_text_atomic(path, xml)
 
 
 def _xml_text(s: str) -> str:
@@ -168,9 +164,7 @@ def markdown(reports: list[dict], baseline_diffs: list[dict] | None = None) -> s
 
 
 def write_markdown(path: str | Path, reports: list[dict], baseline_diffs: list[dict] | None = None) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(markdown(reports, baseline_diffs), encoding="utf-8")
+    write_text_atomic(path, markdown(reports, baseline_diffs))
 
 
 def console_table(reports: list[dict]):
