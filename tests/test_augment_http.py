@@ -66,6 +66,7 @@ class FaultServer:
     """Scripted teacher. ``policy(server, body, n)`` -> action for the n-th time (1-based) a body is seen.
 
     Actions: ("ok", content) | ("status", code, headers, text) | ("sleep", seconds, action) | ("raw", text)
+    | ("trickle", seconds per byte, content): the "ok" reply, its headers at once and its body one byte at a time
     """
 
     def __init__(self, policy, delay: float = 0.0):
@@ -74,6 +75,8 @@ class FaultServer:
         self.seen: dict[str, int] = {}
         self.log: list[dict] = []     # one entry per HTTP request
         self.inflight = self.max_inflight = 0
+        self.trickled = 0             # body bytes sent by "trickle" actions
+        self.trickle_sizes: list[int] = []   # body size of each "trickle" reply
         srv = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -94,6 +97,22 @@ class FaultServer:
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
+
+            def _trickle(self, data, every):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                with srv.lock:
+                    srv.trickle_sizes.append(len(data))
+                try:
+                    for i in range(len(data)):
+                        self.wfile.write(data[i:i + 1])
+                        with srv.lock:
+                            srv.trickled += 1
+                        time.sleep(every)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass   # the client gave up
 
             def do_GET(self):
                 self._send(200, {"object": "list", "data": [{"id": "fault-model", "object": "model"}]})
@@ -119,11 +138,15 @@ class FaultServer:
                 while action[0] == "sleep":
                     time.sleep(action[1])
                     action = action[2]
-                if action[0] == "ok":
-                    self._send(200, {"id": "x", "object": "chat.completion", "model": "fault-model",
-                                     "choices": [{"index": 0, "finish_reason": "stop",
-                                                  "message": {"role": "assistant", "content": action[1]}}],
-                                     "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}})
+                if action[0] in ("ok", "trickle"):
+                    reply = {"id": "x", "object": "chat.completion", "model": "fault-model",
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": action[-1]}}],
+                             "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
+                    if action[0] == "ok":
+                        self._send(200, reply)
+                    else:
+                        self._trickle(json.dumps(reply).encode(), action[1])
                 elif action[0] == "status":
                     self._send(action[1], {"error": {"message": action[3]}}, action[2])
                 else:
@@ -227,6 +250,30 @@ def test_teacher_that_never_answers_fails_within_the_timeouts(tmp_path, caplog):
     assert set(tr["retry_reasons"]) == {"timeout"}, tr["retry_reasons"]
     assert not list(out.glob("*/synthetic.jsonl"))
     assert took < 20, f"a hung teacher held the run for {took:.1f} s"
+    assert "failed: gave up after 2 attempts: timeout" in caplog.text, caplog.text[-2000:]
+
+
+def test_teacher_that_trickles_bytes_fails_at_the_total_timeout(tmp_path, caplog):
+    """A teacher that answers at once but sends its body one byte every 50 ms: each read gets a byte well
+    within the per-read timeout, so only a deadline on the whole attempt ends it (httpx's timeouts are per
+    read). Every attempt ends after `timeout` (1 s) as a "timeout", the run ends incomplete, and no
+    synthetic.jsonl appears; without the deadline one reply would take more than 10 s to arrive."""
+    every = 0.05
+    out = tmp_path / "trickle"
+    with FaultServer(lambda s, b, n: ("trickle", every, ok(b["messages"])[1])) as srv:
+        t0 = time.monotonic()
+        rep = run_augment(cfg(tmp_path, srv.url, out=out, timeout=1.0, max_retries=1, max_users=1))
+        took = time.monotonic() - t0
+        sent, sizes = srv.trickled, srv.trickle_sizes
+    assert len(sizes) == 4 and min(sizes) * every > 10, "replies slow enough that only a total deadline ends them"
+    tr = rep["this_run"]
+    assert rep["status"] == "incomplete" and tr["failures"] == 2 and tr["http_attempts"] == 4
+    assert tr["retry_reasons"] == {"timeout": 2}, tr["retry_reasons"]
+    assert not list(out.glob("*/synthetic.jsonl"))
+    # bytes kept coming (about 20 per attempt of 1 s; at least 10 each, a loaded machine sends fewer)
+    assert sent >= 4 * 10, sent
+    # 2 attempts of 1 s each (+ backoff <= 0.2 s) per request, the 2 requests in parallel; 4 s of slack
+    assert 2.0 <= took < 6.0, f"took {took:.1f} s"
     assert "failed: gave up after 2 attempts: timeout" in caplog.text, caplog.text[-2000:]
 
 

@@ -3,6 +3,8 @@
 * bounded concurrency (one semaphore per client),
 * retries with exponential backoff and jitter on timeouts, transport errors, 429 and 5xx;
   a ``Retry-After`` header (seconds or HTTP date) on 429/503 is honoured (capped),
+* ``timeout`` bounds each HTTP attempt in total (connect + send + every read), not only each read:
+  a teacher that trickles its answer a byte at a time fails with a "timeout" like one that hangs,
 * JSON mode (``response_format={"type": "json_object"}``) when ``json_mode="auto"``; a 400 that
   names ``response_format`` switches it off for the rest of the run and resends once,
 * the API key only lives in the ``Authorization`` header of the httpx client: it is never part of
@@ -32,6 +34,11 @@ class RetryableHTTPError(Exception):
     def __init__(self, status: int, retry_after: float | None, detail: str):
         super().__init__(f"HTTP {status}: {detail[:200]}")
         self.status, self.retry_after = status, retry_after
+
+
+class RequestDeadlineExceeded(httpx.TimeoutException):
+    """One HTTP attempt ran past the client's timeout in total (httpx's own timeouts are per read, so a
+    server that trickles a byte at a time would never trip them)."""
 
 
 class TeacherRequestFailed(Exception):
@@ -113,6 +120,7 @@ class OpenAIChatClient:
         if json_mode not in ("auto", "on", "off"):
             raise UserError(f"json_mode {json_mode!r}", field="json_mode", expected="auto, on or off")
         self.model = model
+        self.timeout = float(timeout)
         self.base_url = base_url.rstrip("/")
         self.stats = stats or ClientStats()
         self.max_retries = max_retries
@@ -149,7 +157,10 @@ class OpenAIChatClient:
 
     async def _post_once(self, body: dict) -> dict:
         self.stats.http_attempts += 1
-        r = await self._http.post("/chat/completions", json=body)
+        try:   # httpx's timeout is per read; this is the whole attempt's deadline (a trickling server)
+            r = await asyncio.wait_for(self._http.post("/chat/completions", json=body), self.timeout)
+        except asyncio.TimeoutError:
+            raise RequestDeadlineExceeded(f"no complete answer within {self.timeout:g} s in total") from None
         if r.status_code in RETRY_STATUS:
             raise RetryableHTTPError(r.status_code, parse_retry_after(r.headers.get("retry-after"),
                                                                       self.retry_after_cap), r.text)
