@@ -34,6 +34,8 @@ class TrainSettings:
     lr: float = 2e-3
     seed: int = 0
     synthetic_ratio: float = 1.0
+    # auto: the base's chat template when it has one and is pretrained (train.format); chat | plain
+    prompt_format: str = field(default="auto", metadata={"choices": ("auto", "chat", "plain")})
 
 
 @dataclass
@@ -149,10 +151,12 @@ def run_pipeline(cfg: PipelineConfig, out: Path) -> dict:
             t = cfg.train
             train_users(base=base, task=tr.task, questions=Path(q), outputs=Path(o) if o else None, out=adapters,
                         users=users, synthetic=synthetic, synthetic_ratio=t.synthetic_ratio, rank=t.rank,
-                        alpha=t.alpha, epochs=t.epochs, max_steps=t.max_steps, lr=t.lr, seed=t.seed)
+                        alpha=t.alpha, epochs=t.epochs, max_steps=t.max_steps, lr=t.lr, seed=t.seed,
+                        prompt_format=t.prompt_format)
         with timed("eval"):
             ev_base = _cached_json(tdir / "eval_base.json", lambda: evaluate(
-                base=base, task=tr.task, questions=Path(q), outputs=Path(o), adapter_root=None, users=users))
+                base=base, task=tr.task, questions=Path(q), outputs=Path(o), adapter_root=None, users=users,
+                prompt_format=cfg.train.prompt_format))
             ev_lora = _cached_json(tdir / "eval_lora.json", lambda: evaluate(
                 base=base, task=tr.task, questions=Path(q), outputs=Path(o), adapter_root=adapters, users=users))
         summary["tasks"][tr.task] = {"users": users, "base": ev_base.get("overall"), "lora": ev_lora.get("overall"),

@@ -6,8 +6,10 @@
   hold-out fraction / retrieval k recorded in the adapter's ``training.json``) plus the user's LaMP
   query. Each carries its gold answer, so the LaMP task metric can be computed with the reference
   and with the artifact. Texts are formatted with ``train.format`` (the one format shared with
-  training and evaluation).
-* **Generic prompts**: ``cdcda_export/assets/generic_prompts.txt`` (one per line, ``\\n`` escapes).
+  training and evaluation), in the prompt format the artifact records (``io.prompt_format``: the base's
+  chat template where training used it, else the plain LaMP prompt).
+* **Generic prompts**: ``cdcda_export/assets/generic_prompts.txt`` (one per line, ``\\n`` escapes), raw
+  text continuations, never wrapped in a chat template.
 * ``--prompts FILE`` replaces the generic set: a ``.txt`` (one per line) or ``.json``/``.jsonl``
   (strings, or objects with ``text`` and optional ``id``/``gold``).
 """
@@ -103,7 +105,7 @@ def user_prompts(manifest: dict, task: str, questions: str | Path, outputs: str 
     """(prompts, task name): the held-out pairs and the LaMP query of the artifact's user; for a base
     artifact (no user_id), the LaMP query of every user in the file."""
     from ..data import load_lamp
-    from ..train.format import query_text
+    from ..train.format import PromptFormat, query_text
     from ..train.train import build_user_data
 
     ds = load_lamp(task, questions, outputs)
@@ -113,14 +115,15 @@ def user_prompts(manifest: dict, task: str, questions: str | Path, outputs: str 
                         file=str(art / "manifest.json"), field="task", expected=ds.task.name,
                         hint=f"pass --task {manifest['task']} with that task's LaMP files")
     hp = _hyper_from_training(adapter_dir)
+    fmt = PromptFormat.from_dict((manifest.get("io") or {}).get("prompt_format"))   # absent (older export): plain
     if not user_id:
         # A base artifact (no adapter) serves every user of the file: it is checked on each one's LaMP query
         # (with gold, so the task metric covers the whole file); there are no held-out pairs without training.
-        return [Prompt(id=f"query-{u.id}", kind="user-query", text=query_text(ds.task, u, hp.retrieve_k), gold=u.gold)
-                for u in ds.users], ds.task.name
+        return [Prompt(id=f"query-{u.id}", kind="user-query", text=query_text(ds.task, u, hp.retrieve_k, fmt),
+                       gold=u.gold) for u in ds.users], ds.task.name
     user = ds.user(str(user_id))
     others = [item for o in ds.users if o.id != user.id for item in o.profile]
-    data = build_user_data(ds.task, user, others, [], hp)
+    data = build_user_data(ds.task, user, others, [], hp, fmt)
     prompts: list[Prompt] = []
     if not isinstance(data, str):
         idx = list(range(len(data.heldout)))
@@ -130,6 +133,6 @@ def user_prompts(manifest: dict, task: str, questions: str | Path, outputs: str 
             idx = sorted(random.Random(seed).sample(idx, max_heldout))
         prompts += [Prompt(id=f"heldout-{i}", kind="user-heldout", text=data.heldout[i][0], gold=data.heldout[i][1])
                     for i in idx]
-    prompts.append(Prompt(id=f"query-{user.id}", kind="user-query", text=query_text(ds.task, user, hp.retrieve_k),
-                          gold=user.gold))
+    prompts.append(Prompt(id=f"query-{user.id}", kind="user-query",
+                          text=query_text(ds.task, user, hp.retrieve_k, fmt), gold=user.gold))
     return prompts, ds.task.name

@@ -86,6 +86,11 @@ def train_cmd(
     lr: float = typer.Option(1e-3), seed: int = typer.Option(0),
     holdout: float = typer.Option(0.2, help="Fraction of each user's real pairs held out for evaluation."),
     force: bool = typer.Option(False, help="Retrain users that are already done."),
+    prompt_format: str = typer.Option(
+        "auto", help="auto | chat | plain. chat: each example is one user turn of the base's chat template, "
+                     "then the answer and the end-of-turn token; plain: the LaMP prompt + '\\nAnswer: '. auto: "
+                     "chat when the base's tokenizer has a chat template (random-weight init-model bases: plain). "
+                     "Recorded in training.json; eval, export and check follow it."),
 ):
     """Fine-tune one peft LoRA adapter per user on their profile (+ synthetic) data."""
     from ..train import train_users
@@ -93,7 +98,7 @@ def train_cmd(
     results = train_users(base=base, task=task, questions=questions, outputs=outputs, out=out, users=_csv(users),
                           synthetic=synthetic, synthetic_ratio=synthetic_ratio, rank=rank, alpha=alpha,
                           target_modules=_csv(target_modules), epochs=epochs, max_steps=max_steps, lr=lr,
-                          seed=seed, holdout=holdout, force=force)
+                          seed=seed, holdout=holdout, force=force, prompt_format=prompt_format)
     from rich.console import Console
     from rich.table import Table
 
@@ -128,6 +133,9 @@ def eval_cmd(
     predictions: Optional[Path] = typer.Option(None, help="Score an existing LaMP predictions file instead."),
     save_predictions: Optional[Path] = typer.Option(None, help="Write predictions in LaMP format."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics JSON here."),
+    prompt_format: str = typer.Option(
+        "auto", help="auto | chat | plain, for users answered by the base (auto: the base's chat template when "
+                     "it has one). A user with an adapter gets the format its training.json records."),
 ):
     """Greedy answers + task metrics per user and overall, or score a predictions file (official semantics)."""
     from ..errors import UserError
@@ -144,7 +152,7 @@ def eval_cmd(
         from ..train import evaluate
 
         res = evaluate(base=base, task=task, questions=questions, outputs=outputs, adapter_root=adapter,
-                       users=_csv(users), save_predictions=save_predictions)
+                       users=_csv(users), save_predictions=save_predictions, prompt_format=prompt_format)
     if json_out:
         write_json_atomic(json_out, res)
     typer.echo(json.dumps(res.get("overall", res), indent=2))

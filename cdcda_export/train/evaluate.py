@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 from ..errors import UserError
 from ..utils import now_iso, sha256_dir, versions, write_json_atomic
-from .format import DEFAULT_MAX_SEQ_LEN, RETRIEVE_K, encode_prompt, eos_token_ids, query_text
+from .format import (DEFAULT_MAX_SEQ_LEN, RETRIEVE_K, PromptFormat, encode_prompt, eos_token_ids, query_text,
+                     recorded_prompt_format, resolve_prompt_format)
 
 
 def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
@@ -63,11 +64,31 @@ def _adapter_plan(adapter_root: Path | None, user_ids: list[str]) -> dict[str, P
     return plan
 
 
-def _eval_user(model, tok, spec, u, adapter: Path | None, eos: list[int], k: int, max_seq_len: int):
+def _adapter_formats(plan: dict[str, Path | None], tok, base: Path, requested: str) -> dict[Path, PromptFormat]:
+    """The prompt format each adapter was trained with (its training.json); an explicit --prompt-format
+    that contradicts it is refused (the adapter would be scored on prompts it never saw)."""
+    from ..data import read_json
+
+    out: dict[Path, PromptFormat] = {}
+    for a in sorted({p for p in plan.values() if p is not None}):
+        tj = a / "training.json"
+        kind = recorded_prompt_format(read_json(tj) if tj.is_file() else None)
+        if requested not in ("auto", kind):
+            raise UserError(f"--prompt-format {requested}, but this adapter was trained on {kind} prompts",
+                            file=str(tj), field="hyperparameters.prompt_format", expected=requested,
+                            hint="drop --prompt-format (eval uses what training recorded), or retrain with it")
+        out[a] = resolve_prompt_format(tok, kind, base)
+    return out
+
+
+def _eval_user(model, tok, spec, u, adapter: Path | None, eos: list[int], k: int, max_seq_len: int,
+               fmt: PromptFormat):
     """(base model back, result row) for one user's query, with their adapter when given."""
     from peft import PeftModel
 
-    prompt = query_text(spec, u, k=k)
+    prompt = query_text(spec, u, k=k, fmt=fmt)
+    if fmt.kind == "chat" and fmt.end_of_turn_id is not None and fmt.end_of_turn_id not in eos:
+        eos = [*eos, fmt.end_of_turn_id]
     if adapter is None:
         raw = generate_texts(model, tok, [prompt], spec.max_new_tokens, max_seq_len=max_seq_len, eos_ids=eos)[0]
     else:
@@ -78,7 +99,8 @@ def _eval_user(model, tok, spec, u, adapter: Path | None, eos: list[int], k: int
         finally:
             model = peft_model.unload()  # the base modules back, LoRA layers removed (not merged)
     pred = spec.parse(raw)
-    row: dict[str, Any] = {"adapter": str(adapter) if adapter else None, "prediction": pred, "raw": raw,
+    row: dict[str, Any] = {"adapter": str(adapter) if adapter else None, "prompt_format": fmt.kind,
+                           "prediction": pred, "raw": raw,
                            "gold": u.gold, "metrics": spec.metrics([pred], [u.gold]) if u.gold is not None else {}}
     return model, row
 
@@ -86,13 +108,15 @@ def _eval_user(model, tok, spec, u, adapter: Path | None, eos: list[int], k: int
 def evaluate(base: Path, task: str, questions: Path, outputs: Path | None, adapter_root: Path | None = None,
              users: list[str] | None = None, save_predictions: Path | None = None, *,
              k: int = RETRIEVE_K, max_seq_len: int = DEFAULT_MAX_SEQ_LEN, progress: bool = True,
-             threads: int | None = None) -> dict[str, Any]:
+             threads: int | None = None, prompt_format: str = "auto") -> dict[str, Any]:
     """Greedy answers to each selected user's LaMP query and the task metrics per user and overall.
 
     ``adapter_root``: None (base model for everyone), one adapter directory (used for every user), or
     a ``cdcda train`` output ``ADAPTERS/<user>/`` (each user with their own adapter; users without
     one use the base and are marked ``"adapter": null``). Deterministic (greedy, no sampling).
     ``save_predictions`` writes ``{"task", "golds": [{"id", "output"}]}`` (LaMP's own format).
+    ``prompt_format`` (auto|chat|plain, ``train.format``) applies to users answered by the base; a user
+    with an adapter gets the format its training.json records.
     Returns a JSON-ready dict: ``task``, ``base_model``, ``overall`` (metrics over users with a gold),
     ``per_user`` (``{uid: {adapter, prediction, raw, gold, metrics}}``), ``primary_metric`` ...
     """
@@ -112,11 +136,15 @@ def evaluate(base: Path, task: str, questions: Path, outputs: Path | None, adapt
         check_adapter_provenance(a, base_sha, spec.name)
     model, tok = load_base(base)
     eos = eos_token_ids(tok, model.generation_config)
+    base_fmt = resolve_prompt_format(tok, prompt_format, base)
+    adapter_fmt = _adapter_formats(plan, tok, base, prompt_format)
 
     per_user: dict[str, dict] = {}
     with torch_threads(model, threads):
         for u in tqdm(selected, desc=f"eval {spec.name}", disable=not progress):
-            model, per_user[u.id] = _eval_user(model, tok, spec, u, plan[u.id], eos, k, max_seq_len)
+            a = plan[u.id]
+            model, per_user[u.id] = _eval_user(model, tok, spec, u, a, eos, k, max_seq_len,
+                                               adapter_fmt[a] if a is not None else base_fmt)
 
     scored = [uid for uid, r in per_user.items() if r["gold"] is not None]
     overall = spec.metrics([per_user[i]["prediction"] for i in scored], [per_user[i]["gold"] for i in scored])
@@ -131,7 +159,8 @@ def evaluate(base: Path, task: str, questions: Path, outputs: Path | None, adapt
         "n_with_adapter": sum(1 for r in per_user.values() if r["adapter"]),
         "per_user": per_user,
         "generation": {"greedy": True, "max_new_tokens": spec.max_new_tokens, "retrieve_k": k,
-                       "max_seq_len": max_seq_len},
+                       "max_seq_len": max_seq_len,
+                       "prompt_format": sorted({r["prompt_format"] for r in per_user.values()})},
         "predictions": str(save_predictions) if save_predictions else None,
         "versions": versions(), "created_at": now_iso(), "duration_s": round(time.time() - t0, 3),
     }

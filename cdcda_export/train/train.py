@@ -28,8 +28,8 @@ from typing import Any, Sequence
 
 from ..errors import UserError
 from ..utils import atomic_dir, clean_stale_partials, now_iso, sha256_dir, versions, write_json_atomic
-from .format import (ANSWER_PREFIX, DEFAULT_MAX_SEQ_LEN, IGNORE_INDEX, RETRIEVE_K, encode_example,
-                     eos_token_ids, pair_text, query_text)
+from .format import (ANSWER_PREFIX, DEFAULT_MAX_SEQ_LEN, IGNORE_INDEX, PLAIN, PROMPT_FORMATS, RETRIEVE_K,
+                     PromptFormat, encode_example, eos_token_ids, pair_text, query_text, resolve_prompt_format)
 
 REPORT_NAME = "train_report.json"
 TRAINING_JSON = "training.json"
@@ -54,6 +54,7 @@ class Hyper:
     holdout: float = 0.2
     synthetic_ratio: float = 1.0
     retrieve_k: int = RETRIEVE_K
+    prompt_format: str = "auto"   # auto | chat | plain; training.json records the resolved one
 
     def check(self) -> None:
         problems = []
@@ -75,6 +76,8 @@ class Hyper:
             problems.append(f"--holdout {self.holdout}: expected 0 <= holdout < 1")
         if not (self.synthetic_ratio >= 0 and math.isfinite(self.synthetic_ratio)):
             problems.append(f"--synthetic-ratio {self.synthetic_ratio}: expected >= 0 (synthetic per real example)")
+        if self.prompt_format not in PROMPT_FORMATS:
+            problems.append(f"--prompt-format {self.prompt_format}: expected one of {', '.join(PROMPT_FORMATS)}")
         if self.max_seq_len < 16:
             problems.append(f"--max-seq-len {self.max_seq_len}: expected >= 16")
         if problems:
@@ -165,8 +168,10 @@ def negatives_pool(flat: Sequence[tuple[str, dict]], user_id: str, seed: int, ca
     return picked[:cap]
 
 
-def build_user_data(task, user, others: Sequence[dict], synthetic_rows: Sequence[dict], hp: Hyper) -> UserData | str:
-    """Training / held-out / query examples of one user, or the reason the user cannot be trained."""
+def build_user_data(task, user, others: Sequence[dict], synthetic_rows: Sequence[dict], hp: Hyper,
+                    fmt: PromptFormat = PLAIN) -> UserData | str:
+    """Training / held-out / query examples of one user (texts in prompt format ``fmt``), or the reason
+    the user cannot be trained."""
     if not user.profile:
         return "empty profile: no personal data to train on (evaluated with the base model only)"
     rng = random.Random(f"{hp.seed}:{user.id}")
@@ -186,28 +191,28 @@ def build_user_data(task, user, others: Sequence[dict], synthetic_rows: Sequence
     def pool_without(i: int) -> list[dict]:
         return [user.profile[j] for j in pool_idx if j != i]
 
-    train = [(pair_text(task, q, pool_without(i), hp.retrieve_k), a, "real") for q, a, i in train_pairs]
-    heldout = [(pair_text(task, q, pool_without(i), hp.retrieve_k), a) for q, a, i in held]
+    train = [(pair_text(task, q, pool_without(i), hp.retrieve_k, fmt), a, "real") for q, a, i in train_pairs]
+    heldout = [(pair_text(task, q, pool_without(i), hp.retrieve_k, fmt), a) for q, a, i in held]
     n_syn = min(len(synthetic_rows), int(round(hp.synthetic_ratio * len(train_pairs))))
     syn_rng = random.Random(f"{hp.seed}:{user.id}:synthetic")
     chosen = syn_rng.sample(list(range(len(synthetic_rows))), n_syn) if n_syn else []
     pool_all = [user.profile[j] for j in pool_idx]
     for j in sorted(chosen):
         row = synthetic_rows[j]
-        train.append((pair_text(task, row["input"], pool_all, hp.retrieve_k), row["output"], "synthetic"))
-    query = (query_text(task, user, hp.retrieve_k), user.gold) if user.gold is not None else None
+        train.append((pair_text(task, row["input"], pool_all, hp.retrieve_k, fmt), row["output"], "synthetic"))
+    query = (query_text(task, user, hp.retrieve_k, fmt), user.gold) if user.gold is not None else None
     counts = {"profile_items": len(user.profile), "real_pairs": len(pairs), "real": len(train_pairs),
               "heldout": len(heldout), "synthetic": n_syn, "synthetic_available": len(synthetic_rows),
               "eval_query": int(query is not None)}
     return UserData(train=train, heldout=heldout, query=query, counts=counts, heldout_items=sorted(held_items))
 
 
-def user_data(ds, user, hp: Hyper, synthetic_rows: Sequence[dict] = ()) -> UserData | str:
+def user_data(ds, user, hp: Hyper, synthetic_rows: Sequence[dict] = (), fmt: PromptFormat = PLAIN) -> UserData | str:
     """Exactly the examples ``train_users`` builds for ``user`` of dataset ``ds`` with ``hp``
     (same negatives pool, same seeded split): for the fidelity gate and benchmarks that need the
     user's held-out pairs. Returns the skip reason (str) when the user cannot be trained."""
     flat = [(o.id, item) for o in ds.users for item in o.profile]
-    return build_user_data(ds.task, user, negatives_pool(flat, user.id, hp.seed), synthetic_rows, hp)
+    return build_user_data(ds.task, user, negatives_pool(flat, user.id, hp.seed), synthetic_rows, hp, fmt)
 
 
 def hyper_from_training(adapter_dir: str | Path) -> Hyper:
@@ -215,10 +220,14 @@ def hyper_from_training(adapter_dir: str | Path) -> Hyper:
     hp = Hyper()
     tj = Path(adapter_dir) / TRAINING_JSON
     if tj.is_file():
-        recorded = json.loads(tj.read_text(encoding="utf-8")).get("hyperparameters") or {}
+        meta = json.loads(tj.read_text(encoding="utf-8"))
+        recorded = meta.get("hyperparameters") or {}
         for k in asdict(hp):
             if k in recorded:
                 setattr(hp, k, recorded[k])
+        from .format import recorded_prompt_format
+
+        hp.prompt_format = recorded_prompt_format(meta)   # before it was recorded: plain
     return hp
 
 
@@ -268,16 +277,21 @@ def _eval_metrics(task, model, tok, data: UserData, hp: Hyper, eos: list[int]) -
 
 
 def train_one(base_model, tok, task, data: UserData, hp: Hyper, target_modules: list[str],
-              progress: bool = True, desc: str = "train"):
-    """Train a LoRA adapter on ``data``; returns (peft model, loss curve, metrics before, after)."""
+              progress: bool = True, desc: str = "train", fmt: PromptFormat = PLAIN):
+    """Train a LoRA adapter on ``data`` (texts in format ``fmt``); returns (peft model, loss curve,
+    metrics before, after). A chat example ends with the template's end-of-turn token."""
     import torch
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
     eos = eos_token_ids(tok, base_model.generation_config)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    end = eos[0]
+    if fmt.kind == "chat" and fmt.end_of_turn_id is not None:
+        end = fmt.end_of_turn_id
+        eos = eos if end in eos else [*eos, end]   # generation stops where training ended the answer
     limit = min(hp.max_seq_len, int(getattr(base_model.config, "max_position_embeddings", 0) or hp.max_seq_len))
-    examples = [encode_example(tok, p, a, eos[0], limit) for p, a, _ in data.train]
+    examples = [encode_example(tok, p, a, end, limit) for p, a, _ in data.train]
     before = _eval_metrics(task, base_model, tok, data, hp, eos)
 
     torch.manual_seed(hp.seed)  # LoRA A init and dropout masks
@@ -347,13 +361,16 @@ def train_users(base: Path, task: str, questions: Path, outputs: Path | None, ou
                 rank: int = 8, alpha: int = 16, target_modules: list[str] | None = None, epochs: int = 5,
                 max_steps: int | None = None, lr: float = 1e-3, seed: int = 0, holdout: float = 0.2,
                 force: bool = False, progress: bool = True, *, batch_size: int = 4, dropout: float = 0.0,
-                max_seq_len: int = DEFAULT_MAX_SEQ_LEN, threads: int | None = None) -> list[UserTrainResult]:
+                max_seq_len: int = DEFAULT_MAX_SEQ_LEN, threads: int | None = None,
+                prompt_format: str = "auto") -> list[UserTrainResult]:
     """Train one LoRA adapter per user into ``out/<user>/``; returns one result per selected user.
 
     ``synthetic``: a ``cdcda augment`` output (``DIR/<user>/*.jsonl``); ``synthetic_ratio`` is the
     number of synthetic examples per real training pair (0 = real only; capped by what exists).
     ``target_modules`` defaults to every attention and MLP linear of the model. ``max_steps``
-    overrides ``epochs`` (None or negative: use ``epochs``). ``threads``: torch intra-op threads (None: 1 for small models, see
+    overrides ``epochs`` (None or negative: use ``epochs``). ``prompt_format``: auto | chat | plain
+    (``train.format``; auto = the base's chat template when it has one and is pretrained), recorded resolved
+    in training.json. ``threads``: torch intra-op threads (None: 1 for small models, see
     ``modeling.torch_threads``). Users already done are skipped (``status="exists"``) unless ``force``;
     users with an empty profile are skipped with a reason. Same ``seed`` -> same adapter bytes.
     """
@@ -366,7 +383,7 @@ def train_users(base: Path, task: str, questions: Path, outputs: Path | None, ou
         max_steps = None  # the CLI's "-1: use --epochs"
     hp = Hyper(rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules, epochs=epochs,
                max_steps=max_steps, lr=lr, batch_size=batch_size, max_seq_len=max_seq_len, seed=seed,
-               holdout=holdout, synthetic_ratio=synthetic_ratio)
+               holdout=holdout, synthetic_ratio=synthetic_ratio, prompt_format=prompt_format)
     hp.check()
     base = check_base_dir(base)   # a .gguf base becomes its cached HF directory
     if synthetic is not None and not Path(synthetic).is_dir():
@@ -406,13 +423,15 @@ def train_users(base: Path, task: str, questions: Path, outputs: Path | None, ou
         return results
 
     base_model, tok = load_base(base)
+    fmt = resolve_prompt_format(tok, hp.prompt_format, base)
+    hp.prompt_format = fmt.kind
     targets = resolve_target_modules(base_model, target_modules)
     hp.target_modules = targets
     flat = [(o.id, item) for o in ds.users for item in o.profile]
     with torch_threads(base_model, threads):
         for u in tqdm(todo, desc=f"users {spec.name}", disable=not progress):
             results.append(_train_user(u, flat, spec, base_model, tok, hp, targets, out, base_info, synthetic,
-                                       progress))
+                                       progress, fmt))
     order = {u.id: i for i, u in enumerate(selected)}
     results.sort(key=lambda r: order[r.user_id])
     _update_report(out, spec.name, base_info, [r for r in results if r.status == "exists"])
@@ -420,20 +439,20 @@ def train_users(base: Path, task: str, questions: Path, outputs: Path | None, ou
 
 
 def _train_user(u, flat, spec, base_model, tok, hp: Hyper, targets: list[str], out: Path, base_info: dict,
-                synthetic: Path | None, progress: bool) -> UserTrainResult:
+                synthetic: Path | None, progress: bool, fmt: PromptFormat = PLAIN) -> UserTrainResult:
     import copy
 
     t0 = time.time()
     others = negatives_pool(flat, u.id, hp.seed)
     rows = read_synthetic_dir(Path(synthetic), u.id) if synthetic is not None else []
-    data = build_user_data(spec, u, others, rows, hp)
+    data = build_user_data(spec, u, others, rows, hp, fmt)
     if isinstance(data, str):
         res = UserTrainResult(u.id, "skipped", None, reason=data)
         _update_report(out, spec.name, base_info, [res])
         return res
     _clean_partials(out, u.id)
     model, losses, before, after = train_one(copy.deepcopy(base_model), tok, spec, data, hp, targets,
-                                             progress=progress, desc=u.id)
+                                             progress=progress, desc=u.id, fmt=fmt)
     udir = out / u.id
     with atomic_dir(udir, overwrite=True) as tmp:
         _save_adapter(model, tmp)
@@ -442,7 +461,8 @@ def _train_user(u, flat, spec, base_model, tok, hp: Hyper, targets: list[str], o
             "base_model": base_info,
             "adapter": {"sha256": sha256_dir(tmp), "files": sorted(p.name for p in tmp.iterdir())},
             "data": data.counts,
-            "hyperparameters": dict(asdict(hp), steps=len(losses), answer_prefix=ANSWER_PREFIX,
+            "hyperparameters": dict(asdict(hp), steps=len(losses),
+                                    answer_prefix=ANSWER_PREFIX if fmt.kind == "plain" else None,
                                     optimizer="AdamW", schedule="linear decay to 0", loss="answer tokens + eos"),
             "loss_curve": losses,
             "eval": {"primary_metric": spec.primary_metric, "higher_is_better": spec.higher_is_better,
