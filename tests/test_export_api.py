@@ -155,3 +155,20 @@ def test_truncated_adapter_weights_are_named(tiny_model_dir, tiny_adapter, tmp_p
         export(tiny_model_dir("tiny"), ad, "onnx/fp32", tmp_path / "out", progress=False)
     assert str(w) in str(e.value) and "cdcda train" in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_model_type_names_the_config_and_a_next_step(tiny_model_dir, tmp_path):
+    """A base of a family the export decoder lacks is refused naming its config.json and what to do."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=2048)).save_pretrained(d)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(tiny_model_dir("tiny") / name, d / name)
+    with pytest.raises(UserError, match="model_type 'gpt2' is not supported") as e:
+        export(d, None, "onnx/fp32", tmp_path / "art", progress=False)
+    msg = str(e.value)
+    assert str(d / "config.json") in msg and "cdcda init-model --arch smollm2-135m-instruct" in msg
+    assert not (tmp_path / "art").exists()

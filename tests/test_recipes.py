@@ -152,3 +152,24 @@ def test_palettize_4bit_avoids_the_ane_for_coremltools_2716():
     res = CliRunner().invoke(app, ["recipes"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     assert "#2716" in res.output and "cpu_and_gpu" in res.output
+
+
+def test_cli_recipes_is_readable_at_80_columns():
+    """At 80 columns every recipe shows its name, format, quantization, target and host support whole, and
+    no line is wider than the terminal (a 6-column table there left all but a cut description blank)."""
+    from typer.testing import CliRunner
+
+    from cdcda_export.cli import app
+    from cdcda_export.export.registry import list_recipes
+
+    res = CliRunner().invoke(app, ["recipes"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert max(len(ln) for ln in lines) <= 80
+    for e in list_recipes():
+        q = e.recipe.quantization
+        qs = q.scheme + (f" b{q.block_size or q.group_size}" if (q.block_size or q.group_size) else "")
+        head = next((ln for ln in lines if ln.startswith(e.key + " ")), None)
+        assert head is not None, f"{e.key} has no line of its own"
+        assert f"{e.recipe.format}, {qs}, {e.recipe.target}, runs here:" in head
+    assert "#2716" in res.output   # descriptions are whole (wrapped), not cut

@@ -129,7 +129,8 @@ def recipes_cmd():
         console.print(t)
         return
     for key, fmt, qs, target, here, desc in rows:   # narrow: every field readable, the description wrapped
-        console.print(f"[bold]{escape(key)}[/]  {escape(fmt)}, {escape(qs)}, {escape(target)}, runs here: {escape(here)}")
+        console.print(f"[bold]{escape(key)}[/]  {escape(fmt)}, {escape(qs)}, {escape(target)}, "
+                      f"runs here: {escape(here)}")
         console.print(Padding(escape(desc), (0, 0, 1, 2), expand=False))
 
 
@@ -185,8 +186,9 @@ def _chat_format(artifact: Path, io: dict):
 
     fmt = chat_format(AutoTokenizer.from_pretrained(str(artifact)))
     if fmt is None:
-        raise UserError("--chat, but the artifact's tokenizer has no chat template", file=str(artifact / "tokenizer_config.json"),
-                        field="chat_template", hint="drop --chat to send the prompt as raw text")
+        raise UserError("--chat, but the artifact's tokenizer has no chat template",
+                        file=str(artifact / "tokenizer_config.json"), field="chat_template",
+                        hint="drop --chat to send the prompt as raw text")
     if (io.get("prompt_format") or {}).get("format") == "plain":
         typer.secho("note: this artifact records plain prompts (its adapter was trained without the chat template)",
                     err=True)
