@@ -451,3 +451,51 @@ def test_sigkill_mid_bench_leaves_no_result_and_no_runner_and_rerun_succeeds(tin
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads(res.read_text())
     assert len([x for x in result["runs"] if not x.get("warmup")]) == 2
+
+
+# ------------------------------------------------------------------ block / group sizes that do not divide
+
+
+@pytest.mark.parametrize("recipe, overrides, field, needle", [
+    # MatMulNBits blocks along each weight's input width: the tiny model's are 64 (hidden) and 128 (mlp)
+    ("onnx/int4", ["quantization.block_size=128"], "quantization.block_size", "(input width 64)"),
+    ("onnx/int8", ["quantization.block_size=256"], "quantization.block_size", "(input width 128)"),
+    # Core ML per_block quantization runs along the input channels, too
+    ("coreml/int4-block32", ["quantization.block_size=128"], "quantization.block_size", "(input channels 64)"),
+    # Core ML palettization groups run along the output channels (q_proj / o_proj: 64, above weight_threshold)
+    ("coreml/palettize-4bit", ["quantization.group_size=128"], "quantization.group_size", "(output channels 64)"),
+])
+def test_block_or_group_size_that_does_not_divide_is_refused_before_conversion(tiny_model_dir, tmp_path, recipe,
+                                                                               overrides, field, needle):
+    """ONNX Runtime would make ragged blocks (and our Q8_0 re-rounding fail with a traceback); coremltools skips
+    such weights with a log warning and leaves them fp16 under a manifest that says compressed. Both end in a
+    UserError naming the recipe field, a layer and its dimension, and the sizes that fit; no --out is left."""
+    out = tmp_path / "art"
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="does not divide") as e:
+        export(tiny_model_dir("tiny"), None, recipe, out, progress=False, overrides=overrides)
+    assert e.value.field == field, str(e.value)
+    assert needle in str(e.value) and "one of [16, 32, 64]" in str(e.value), str(e.value)
+    assert f"--set {field}=64" in str(e.value)
+    assert not out.exists() and not list(tmp_path.glob(".art.partial-*"))
+    # refused on the torch decoder, before the ONNX export / Core ML conversion (seconds each on this model)
+    assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.parametrize("recipe", ["onnx/int4", "onnx/int8", "coreml/int4-block32", "coreml/int8-linear",
+                                    "coreml/palettize-4bit"])
+def test_shipped_block_and_group_sizes_fit_every_tiny_architecture(tiny_model_dir, recipe):
+    """The checks pass the shipped recipes on every tiny architecture (untied Phi-3, Qwen3's wider heads)."""
+    from cdcda_export.export.api import load_merged_model
+    from cdcda_export.export.coreml import check_compression_sizes
+    from cdcda_export.export.decoder import ExportDecoder
+    from cdcda_export.export.onnx import check_block_size
+    from cdcda_export.export.registry import resolve_recipe
+
+    rec, _ = resolve_recipe(recipe)
+    for arch in ("tiny", "tiny-qwen2", "tiny-qwen3", "tiny-phi3"):
+        dec = ExportDecoder.from_hf(load_merged_model(tiny_model_dir(arch)), max_seq_len=64, untie_lm_head=True)
+        if recipe.startswith("onnx/"):
+            check_block_size(dec, rec.quantization)
+        else:
+            check_compression_sizes(dec, rec)

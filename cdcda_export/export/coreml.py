@@ -174,6 +174,40 @@ def optimization_config(recipe, *, tied_embeddings: bool = False):
     return OptimizationConfig(op_type_configs=types), fn
 
 
+def check_compression_sizes(dec, recipe) -> None:
+    """The recipe's block / group size must divide the dimension it runs along in every weight it compresses:
+    coremltools skips such a weight with only a log warning (it would stay fp16 while the manifest says
+    compressed). ``per_block`` runs along the input channels ([out, in] weights: a linear's in_features,
+    the embedding table's hidden width), ``per_grouped_channel`` palettization along the output channels
+    (out_features, the vocabulary of the table). Weights at or below ``weight_threshold`` elements are not
+    compressed and not checked. Called on the torch decoder, before tracing and conversion."""
+    import torch
+    from coremltools.optimize.coreml import OpLinearQuantizerConfig
+
+    from .recipe import check_size_divides
+
+    tied = dec.spec.tie_word_embeddings
+    config, _ = optimization_config(recipe, tied_embeddings=tied)
+    if config is None:
+        return
+    q = recipe.quantization
+    shapes = {"linear": {n: tuple(m.weight.shape) for n, m in dec.named_modules() if isinstance(m, torch.nn.Linear)},
+              "gather": {"embed_tokens": tuple(dec.embed_tokens.weight.shape)}}
+    for op, cfg in sorted(config.op_type_configs.items()):
+        gran = str(getattr(cfg.granularity, "name", cfg.granularity)).lower()
+        if gran == "per_block" and isinstance(cfg, OpLinearQuantizerConfig):
+            size, axis, what = cfg.block_size, 1, "input channels"
+            field = ("quantization.embedding_group_size" if op == "gather" and q.embeddings in ("int8", "int4")
+                     and not tied else "quantization.block_size")
+        elif gran == "per_grouped_channel":
+            size, axis, what, field = cfg.group_size, 0, "output channels", "quantization.group_size"
+        else:
+            continue
+        widths = {n: s[axis] for n, s in shapes[op].items() if s[0] * s[1] > cfg.weight_threshold}
+        check_size_divides(widths, size, field=field, axis=what,
+                           why="coremltools would skip those weights (left fp16) with only a log warning")
+
+
 # ----------------------------------------------------------------------------- trace / convert / compress
 
 
@@ -330,6 +364,7 @@ def export_coreml(job) -> dict:
     timings: dict[str, float] = {}
     t = time.perf_counter()
     dec = job.decoder(cache="buffer")
+    check_compression_sizes(dec, recipe)
     job.progress("coreml: tracing the decoder")
     traced = trace_decoder(dec)
     timings["trace_s"] = round(time.perf_counter() - t, 2)

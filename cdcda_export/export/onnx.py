@@ -427,6 +427,22 @@ def _gather_q8_0(proto, block: int) -> bool:
     return False
 
 
+def check_block_size(dec, q) -> None:
+    """Weight-only int8/int4 (MatMulNBits) blocks run along each weight's input width K, and along the hidden
+    width of a quantized embedding table: ``quantization.block_size`` must divide every one. Checked on the
+    torch decoder, before the ONNX export (the Q8_0 re-rounding would fail on a ragged block, and a tied or
+    8-bit embedding table would silently stay float)."""
+    import torch
+
+    from .recipe import check_size_divides
+
+    widths = {n: m.in_features for n, m in dec.named_modules() if isinstance(m, torch.nn.Linear)}
+    if q.embeddings != "none":
+        widths["embed_tokens"] = int(dec.embed_tokens.weight.shape[1])
+    check_size_divides(widths, q.block_size or 32, field="quantization.block_size", axis="input width",
+                       why="MatMulNBits would pad ragged blocks and the Q8_0 / embedding steps assume whole ones")
+
+
 def _weight_only(proto, recipe, spec) -> tuple[object, dict]:
     """Weight-only MatMulNBits quantization (ONNX Runtime's ``MatMulNBitsQuantizer``), per linear kind:
     ``quantization.bits`` / ``grid`` for the layers, ``head_bits`` for the lm_head, ``eight_bit`` kinds at
@@ -605,6 +621,8 @@ def export_onnx(job) -> dict:
     dec = job.decoder(cache_strategy("ort-gqa" if opts.attention == "gqa" else "io", opts.share_kv_buffer),
                       untie_lm_head=q.scheme != "none", fuse_projections=opts.fuse_projections)
     spec = dec.spec
+    if q.scheme in ("int8", "int4"):
+        check_block_size(dec, q)
     io = {"methods": ["forward"], "engine": opts.engine, **dec.io_description()}
     final = job.out_dir / MODEL_FILE
     if opts.engine == "genai-builder":

@@ -182,3 +182,22 @@ def recipe_from_dict(data: dict, *, source: str | None = None, overrides: list[s
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load one recipe YAML file (``overrides``: dotted ``key=value`` strings, e.g. ``max_seq_len=256``)."""
     return recipe_from_dict(load_yaml(path), source=str(path), overrides=overrides)
+
+
+def check_size_divides(widths: dict[str, int], size: int | None, *, field: str, axis: str, why: str) -> None:
+    """A recipe's block / group ``size`` must divide the dimension its blocks run along in every layer it
+    compresses (``widths``: layer name -> that dimension). Otherwise a UserError naming the recipe field, the
+    first layers and their dimension, and the sizes that would fit; ``why``: what the converter would do."""
+    from ..errors import UserError
+
+    if not size:
+        return
+    bad = {n: d for n, d in widths.items() if d % size}
+    if not bad:
+        return
+    dims = sorted(set(widths.values()))
+    fits = [g for g in (16, 32, 64, 128, 256) if all(d % g == 0 for d in dims)]
+    first = ", ".join(f"{n} ({axis} {d})" for n, d in list(bad.items())[:3]) + (" ..." if len(bad) > 3 else "")
+    raise UserError(f"{size} does not divide the {axis} of {len(bad)} layer(s): {first}; {why}", field=field,
+                    expected=f"a size dividing every {axis} {dims}: one of {fits or 'none of 16-256'}",
+                    hint=(f"--set {field}={fits[-1]}" if fits else "choose a recipe without blocks (per channel)"))
