@@ -274,3 +274,33 @@ def test_generate_chat_on_plain_artifacts(tiny_artifact, plain_base, tmp_path):
     msg = res.output + str(res.exception)
     assert res.exit_code != 0 and isinstance(res.exception, UserError), msg
     assert "no chat template" in msg and str(bare / "tokenizer_config.json") in msg
+
+
+def test_adapter_artifact_checks_on_the_chat_turns_it_was_trained_on(chat_base, chat_adapters, tmp_path):
+    """export takes the format from the adapter's training.json; check rebuilds the user's held-out pairs
+    and query in it. An adapter whose training.json predates the record counts as plain."""
+    from cdcda_export.check.prompts import user_prompts
+    from cdcda_export.export.api import artifact_prompt_format, export
+    from cdcda_export.train import train as T
+    from cdcda_export.train.format import PLAIN, encode_prompt
+
+    out, _ = chat_adapters
+    adapter = out / USERS[0]
+    art = export(chat_base, adapter, "onnx/fp32", tmp_path / "art", progress=False)
+    man = json.loads((art / "manifest.json").read_text())
+    assert man["io"]["prompt_format"]["format"] == "chat" and man["user_id"] == USERS[0]
+    tok = _tok(chat_base)
+    prompts, _ = user_prompts(man, TASK, *_qo(), adapter, art)
+    ds = load_lamp(TASK, *_qo())
+    plain = T.user_data(ds, ds.user(USERS[0]), T.hyper_from_training(adapter), fmt=PLAIN)
+    expected = [_chat_ids(tok, p[:-len("\nAnswer: ")]) for p, _ in plain.heldout] + [
+        _chat_ids(tok, plain.query[0][:-len("\nAnswer: ")])]
+    assert [p.kind for p in prompts][-1] == "user-query" and len(prompts) == len(expected) > 1
+    assert [encode_prompt(tok, p.text, 512) for p in prompts] == expected
+
+    old = tmp_path / "old-adapter"
+    shutil.copytree(adapter, old)
+    meta = json.loads((old / "training.json").read_text())
+    del meta["hyperparameters"]["prompt_format"]
+    (old / "training.json").write_text(json.dumps(meta))
+    assert artifact_prompt_format(chat_base, old) == PLAIN.describe()
