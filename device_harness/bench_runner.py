@@ -84,6 +84,12 @@ def child(args: argparse.Namespace) -> int:
     # it here, and hashing must not count as load time
     runner = runtime.load(args.artifact, verify=False, **options)
     load1 = _now_ms()
+    adapter = {}
+    if getattr(args, "adapter", ""):
+        # a user's adapter package on the loaded base package, then a user switch (plain base -> this user)
+        adapter["adapter_load_ms"] = runner.set_adapter(args.adapter) * 1000.0
+        runner.set_adapter(None)
+        adapter["adapter_switch_ms"] = runner.set_adapter(args.adapter) * 1000.0
     inf0 = _now_ms()
     res = runtime.greedy_generate(runner, ids, args.gen_len, eos_ids=())
     inf1 = _now_ms()
@@ -105,6 +111,7 @@ def child(args: argparse.Namespace) -> int:
         "tokens": [int(t) for t in res.tokens],
         "runtime": _runtime_versions(runner),
         "heavy_imports": sorted(m for m in HEAVY if m in sys.modules),
+        **adapter,
     }
     sys.stdout.write(f"{OBSERVER} {json.dumps(stats, separators=(',', ':'))}\n")
     sys.stdout.flush()
@@ -213,6 +220,8 @@ def supervise(args: argparse.Namespace) -> int:
         cmd += ["--threads", str(args.threads)]
     if args.engine:
         cmd += ["--engine", args.engine]
+    if args.adapter:
+        cmd += ["--adapter", args.adapter]
     failed = 0
     for i in range(args.warmup + args.runs):
         warm = i < args.warmup
@@ -243,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--threads", type=int, default=0)
         p.add_argument("--engine", default="", help="runtime engine instead of the format's default "
                        "(onnx: onnxruntime-genai)")
+        p.add_argument("--adapter", default="", help="adapter package to apply to the (base package) artifact")
         if name == "bench":
             p.add_argument("--runs", type=int, default=5)
             p.add_argument("--warmup", type=int, default=1)

@@ -81,7 +81,8 @@ def observer_to_run(stats: dict) -> dict:
         "generated_tokens": n_gen,
         "rss_source": stats.get("rss_source"),
     }
-    for extra in ("import_ms", "tokens", "runtime", "heavy_imports", "ru_maxrss_kb", "vmhwm_kb"):
+    for extra in ("import_ms", "tokens", "runtime", "heavy_imports", "ru_maxrss_kb", "vmhwm_kb", "adapter_load_ms",
+                  "adapter_switch_ms"):
         if extra in stats:
             rec[extra] = stats[extra]
     return rec

@@ -52,8 +52,19 @@ def bench(artifact: str | Path, device: str | Device = "host", cfg: BenchConfig 
         raise UserError(f"--engine {cfg.engine} runs {', '.join(ENGINE_FORMATS[cfg.engine])} artifacts, not "
                         f"format {manifest.get('format')!r}", file=str(art / "manifest.json"), field="format",
                         hint="leave --engine out to use the format's own runtime")
+    if cfg.adapter:
+        from cdcda_export.runtime.adapters import read_adapter_package
+
+        if manifest.get("delivery") != "base-package":
+            raise UserError("--adapter needs a base package; this artifact is a merged artifact",
+                            file=str(art / "manifest.json"), field="delivery", expected="base-package",
+                            hint="bench the base package the adapter package was written for")
+        read_adapter_package(cfg.adapter, manifest)   # its files and the base package's hash, before copying
     dev = get_device(device) if isinstance(device, str) else device
     if hasattr(dev, "bench_native"):
+        if cfg.adapter:
+            raise UserError(f"--adapter: {dev.label()} runs its own native runner, which does not apply adapter "
+                            "packages yet", field="--adapter", hint="bench adapter packages on host, ssh or qemu devices")
         if cfg.engine:
             raise UserError(f"--engine {cfg.engine}: {dev.label()} runs its own native runner, not the Python "
                             "bench runner that switches engines", hint="leave --engine out on adb/ios devices")
@@ -79,6 +90,8 @@ def bench_python(art: Path, manifest: dict, dev: Device, cfg: BenchConfig, *, ti
                     "--threads", str(cfg.threads), "--out", f"{rb}/results.jsonl"]
             if cfg.engine:
                 argv += ["--engine", cfg.engine]
+            if cfg.adapter:
+                argv += ["--adapter", dev.push(Path(cfg.adapter), "adapter")]
             progress(f"{dev.label()}: {cfg.warmup} warm-up + {cfg.runs} runs")
             proc = dev.run(argv, timeout=timeout)
             local = Path(tmp) / "results.jsonl"
@@ -130,6 +143,8 @@ def host_reference_tokens(art: Path, prompt: dict, cfg: BenchConfig) -> list[int
                 f"{bundle}/prompt.json", "--gen-len", str(cfg.gen_len), "--threads", str(cfg.threads)]
         if cfg.engine:
             argv += ["--engine", cfg.engine]
+        if cfg.adapter:
+            argv += ["--adapter", str(Path(cfg.adapter).resolve())]
         proc = _run_with_pythonpath(dev.python, argv, str(bundle))
     lines = [ln for ln in proc.splitlines() if parsers.OBSERVER + " " in ln]
     if not lines:

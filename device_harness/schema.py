@@ -29,6 +29,9 @@ from cdcda_export.runtime.onnx import ENGINES as ONNX_ENGINES
 
 SCHEMA = "cdcda-bench/1"
 METRICS = ("load_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "artifact_mb")
+# with an adapter package (``cdcda bench BASE_PACKAGE --adapter PKG``): applying it to the loaded base package,
+# and switching to it again from the plain base (a user switch), in ms
+ADAPTER_METRICS = ("adapter_load_ms", "adapter_switch_ms")
 # direction of "better" per metric (used by compare and the github-action-benchmark export)
 HIGHER_IS_BETTER = {"prefill_tok_s": True, "decode_tok_s": True, "load_ms": False, "ttft_ms": False,
                     "peak_rss_mb": False, "artifact_mb": False}
@@ -52,6 +55,7 @@ class BenchConfig:
     seed: int = 0
     compare_host: bool = True  # non-host devices: also run once on the host and compare greedy tokens
     engine: str = ""           # "": the format's default runtime; onnx: "onnxruntime-genai" (ORT GenAI's generator)
+    adapter: str = ""          # an adapter package applied to a base package (its load and switch times reported)
 
     def validate(self) -> None:
         problems = []
@@ -179,6 +183,8 @@ def build_result(*, device: dict, artifact: dict, config: dict, runs: list[dict]
     measured = [r for r in runs if not r.get("warmup") and not r.get("error")]
     metrics = {k: summarize([r.get(k) for r in measured]) for k in METRICS if k != "artifact_mb"}
     metrics["artifact_mb"] = summarize([artifact["bytes"] / 1e6] * max(len(measured), 1))
+    adapter_metrics = {k: summarize([r.get(k) for r in measured]) for k in ADAPTER_METRICS
+                       if any(r.get(k) is not None for r in measured)}
     if greedy is None:
         greedy = greedy_block(measured)
     res = {
@@ -187,7 +193,7 @@ def build_result(*, device: dict, artifact: dict, config: dict, runs: list[dict]
         "device": device,
         "artifact": artifact,
         "config": config,
-        "metrics": {k: metrics[k] for k in METRICS},
+        "metrics": {**{k: metrics[k] for k in METRICS}, **adapter_metrics},
         "greedy": greedy,
         "runs": runs,
         "notes": notes or [],

@@ -29,6 +29,8 @@ def bench_cmd(
                                         "onnxruntime-genai = ONNX Runtime GenAI's generator, reading "
                                         "genai_config.json)."),
     seed: int = typer.Option(0, help="Seed of the prompt token ids."),
+    adapter: Optional[Path] = typer.Option(None, help="Adapter package to apply to ARTIFACT (a base package); "
+                                                      "its load and user-switch times are reported."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the bench result (JSON) here."),
     compare_host: bool = typer.Option(True, help="Non-host devices: compare greedy tokens with a host run."),
     remote_python: str = typer.Option("python3", help="ssh: Python on the board (with numpy + the runtime)."),
@@ -57,10 +59,13 @@ def bench_cmd(
     elif device == "ios" or device.startswith("ios:"):
         opts = {"app": str(ios_app) if ios_app else None, "bundle_id": bundle_id}
     cfg = BenchConfig(prompt_len=prompt_len, gen_len=gen_len, runs=runs, warmup=warmup, threads=threads, seed=seed,
-                      compare_host=compare_host, engine=engine)
+                      compare_host=compare_host, engine=engine, adapter=str(adapter) if adapter else "")
     res = bench(artifact, get_device(device, **opts), cfg, json_out=json_out, timeout=timeout,
                 progress=lambda m: typer.echo(m, err=True))
     typer.echo(markdown_table([res]))
+    for k in ("adapter_load_ms", "adapter_switch_ms"):
+        if (res["metrics"].get(k) or {}).get("median") is not None:
+            typer.echo(f"{k.replace('_ms', '').replace('_', ' ')}: {res['metrics'][k]['median']:.2f} ms (median)")
     for n in res.get("notes", []):
         typer.echo(f"note: {n}")
     g = res.get("greedy") or {}

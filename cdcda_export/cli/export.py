@@ -37,7 +37,9 @@ def export_cmd(
     lora_targets: Optional[str] = typer.Option(
         None, "--lora-targets", help="Comma-separated LoRA targets of a base package (default: all of q,k,v,o,"
                                      "gate,up,down_proj)."),
-    lora_dtype: str = typer.Option("float16", "--lora-dtype", help="Precision of the LoRA inputs: float16 | float32."),
+    lora_dtype: Optional[str] = typer.Option(
+        None, "--lora-dtype", help="Precision of the LoRA inputs: float16 | float32 (default: float16; float32 "
+                                   "for unquantized recipes, whose fp32 gate an fp16 delta would exceed)."),
 ):
     """Merge the adapter, quantize and export by recipe into an artifact dir with manifest.json.
 
@@ -80,6 +82,11 @@ def _adapter_delivery(base, recipe, out, adapter, set_, force, quiet, allow_base
         raise UserError("a base package takes no --adapter", field="--adapter",
                         hint="drop --adapter; then `cdcda export --adapter-only --adapter A ...` per user")
     targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip()) if lora_targets else None
+    if lora_dtype is None:
+        from ..export.registry import resolve_recipe
+
+        scheme = resolve_recipe(recipe, set_ or None)[0].quantization.scheme
+        lora_dtype = "float32" if scheme == "none" else "float16"
     if adapter is not None:
         need = LoraLayout.of_adapter(adapter, dtype=lora_dtype)
         layout = LoraLayout(rank=lora_rank or need.rank, targets=targets or ALL_TARGETS, dtype=lora_dtype)
@@ -140,6 +147,8 @@ def generate_cmd(
     prompt: str = typer.Option(..., help="Prompt text."),
     max_new_tokens: int = typer.Option(64, help="Tokens to generate (greedy)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the runtime."),
+    adapter: Optional[Path] = typer.Option(None, help="Adapter package (`cdcda export --adapter-only`) to apply "
+                                                      "to ARTIFACT, a base package."),
     chat: bool = typer.Option(False, "--chat", help="Send the prompt as one user turn of the model's chat template "
                                                     "(the manifest's io.prompt_format, as the app does; else the "
                                                     "template in the artifact's tokenizer files) and print the answer."),
@@ -150,7 +159,7 @@ def generate_cmd(
     from ..runtime.base import RuntimeUnavailable
 
     try:
-        runner = load(artifact, threads=threads)
+        runner = load(artifact, threads=threads, adapter=adapter)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
     except RuntimeUnavailable as e:

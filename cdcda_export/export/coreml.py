@@ -223,13 +223,23 @@ def trace_decoder(dec, example_len: int = 4, past_len: int = 2):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, dec.spec.vocab_size, (1, example_len), dtype=torch.long, generator=g)
     mask = causal_mask(example_len, past_len + example_len)
+    lora = ()
+    if dec.lora_names:   # base package: LoRA A/B inputs after input_ids / causal_mask (export/lora.py)
+        from .lora import example_tensors
+
+        lora = tuple(example_tensors(dec.lora_layout, dec.spec, dtype="float32"))
     with torch.no_grad():
-        traced = torch.jit.trace(dec, (ids, mask), check_trace=False)
+        traced = torch.jit.trace(dec, (ids, mask, *lora), check_trace=False)
     dec.cache.reset()
     for name, buf in traced.named_buffers():
         if _is_cache_buffer(name):
             buf.zero_()
     return traced
+
+
+def coreml_input_name(name: str) -> str:
+    """Core ML input names are identifiers: ``lora.3.q_proj.A`` is fed as ``lora_3_q_proj_A``."""
+    return name.replace(".", "_")
 
 
 def _is_cache_buffer(name: str) -> bool:
@@ -252,7 +262,9 @@ def convert_traced(traced, dec, recipe):
     return ct.convert(
         traced,
         inputs=[ct.TensorType(name="input_ids", shape=(1, seq), dtype=np.int32),
-                ct.TensorType(name="causal_mask", shape=(1, 1, seq, end), dtype=act)],
+                ct.TensorType(name="causal_mask", shape=(1, 1, seq, end), dtype=act)]
+        + [ct.TensorType(name=coreml_input_name(n), shape=s, dtype=act) for n, s in
+           (dec.lora_layout.shapes(dec.spec).items() if dec.lora_names else ())],
         outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=act)],
         states=states,
         minimum_deployment_target=getattr(ct.target, opts.minimum_deployment_target),
@@ -388,8 +400,16 @@ def export_coreml(job) -> dict:
     if expected and not any(ops.get(o) for o in expected):
         raise RuntimeError(f"Core ML compression {recipe.quantization.scheme} produced none of {expected}; "
                            f"ops: {applied['compressed_ops']}")
-    return {"io": io_description(dec, recipe, spec_signature(spec)), "quantization_applied": applied,
-            "extra": timings}
+    io = io_description(dec, recipe, spec_signature(spec))
+    if dec.lora_names:
+        io["lora"] = {**dec.lora_layout.to_dict(), "inputs": "lora.{layer}.{target}.A [in, rank] | .B [rank, out] "
+                      "(model inputs after input_ids, causal_mask; Core ML names use _ for .: lora_{layer}_{target}_A)",
+                      "rank_dim": "fixed",
+                      "input_dtype": "float16" if _coreml_options(recipe).precision == "fp16" else "float32",
+                      "adapter_file": "adapter.safetensors (the same named tensors)",
+                      "why_inputs": "LoRA-as-inputs: one package serves every user, present and future; a "
+                                    "multifunction package must be rebuilt (an app update) to add a user"}
+    return {"io": io, "quantization_applied": applied, "extra": timings}
 
 
 # ----------------------------------------------------------------------------- structural check
@@ -429,8 +449,19 @@ def coreml_structural_check(artifact_dir: str | Path) -> dict:
     for part in ("inputs", "outputs", "states"):
         want, got = io.get(part, {}), sig[part]
         check(f"{part}_match", want == got, f"{part}: package has {got}, manifest.io has {want}")
-    check("input_names", list(sig["inputs"]) == list(INPUT_NAMES),
-          f"inputs: expected {list(INPUT_NAMES)}, package has {list(sig['inputs'])}")
+    want_inputs = list(INPUT_NAMES)
+    if manifest.get("delivery") == "base-package":   # + the LoRA inputs, in the runtime's order
+        from ..runtime.adapters import lora_input_shapes
+
+        shapes = {coreml_input_name(n): s for n, s in
+                  lora_input_shapes(io.get("decoder") or {}, manifest.get("lora") or {}).items()}
+        want_inputs += list(shapes)
+        got_shapes = {n: sig["inputs"].get(n, {}).get("shape") for n in shapes}
+        check("lora_input_shapes", all(got_shapes[n] == list(s) for n, s in shapes.items()),
+              f"LoRA inputs: package shapes differ from the layout's ({manifest.get('lora')})")
+    check("input_names", list(sig["inputs"]) == want_inputs,
+          f"inputs: expected {want_inputs[:4]}{' ...' if len(want_inputs) > 4 else ''}, package has "
+          f"{list(sig['inputs'])[:4]}")
     n_layers = io.get("kv_cache", {}).get("num_layers")
     check("one_state_per_kv_tensor", n_layers is not None and len(sig["states"]) == 2 * n_layers,
           f"states: {len(sig['states'])} in the package, expected 2 x num_layers ({n_layers})")

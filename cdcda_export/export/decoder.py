@@ -477,7 +477,7 @@ class ExportDecoder(nn.Module):
         # LoRA as inputs (export/lora.py ``attach``): forward takes them after the strategy's inputs
         self.lora_layout = None
         self.lora_names: list[str] = []
-        self.lora_feed: dict = {}
+        self.lora_feed = None     # export/lora.py LoraFeed
         self.cache = cache
         cache.setup(self)
 
@@ -592,8 +592,7 @@ class ExportDecoder(nn.Module):
         if self.lora_names:   # trailing inputs: the LoRA A/B tensors, read by the wrapped linears
             n = len(self.lora_names)
             inputs, lora = inputs[:-n], inputs[-n:]
-            self.lora_feed.clear()
-            self.lora_feed.update(zip(self.lora_names, lora))
+            self.lora_feed.set(self.lora_names, lora)
         ctx = self.cache.prepare(self, *inputs)
         bthd = self.cache.layout == "bthd"
         cos, sin = ctx.cos, ctx.sin

@@ -256,9 +256,16 @@ def export_executorch(job) -> dict:
     t_quant = time.perf_counter() - t0
     job.progress("torch.export + XNNPACK lowering")
     partitioners = _xnnpack_partitioners(quantized, rec.xnnpack.extended_ops)
-    program, facts, timings = lower(dec, cache.example_inputs(dec, min(2, rec.prefill_len)),
-                                    cache.dynamic_shapes(rec.prefill_len), partitioners,
-                                    transform_passes=[SymbolicViewToInferred()])
+    example, dyn = cache.example_inputs(dec, min(2, rec.prefill_len)), cache.dynamic_shapes(rec.prefill_len)
+    if dec.lora_names:   # base package: LoRA A/B as method inputs after tokens/input_pos (static shapes, fixed rank)
+        from .lora import example_tensors
+
+        # float32 inputs: a cast in the graph would be a portable op between XNNPACK partitions; the adapter file
+        # keeps the layout's dtype (fp16) and the runner widens it once per user switch
+        example = (*example, *example_tensors(dec.lora_layout, dec.spec, dtype="float32"))
+        if dyn is not None:
+            dyn = ((*dyn[0], *([None] * len(dec.lora_names))),)
+    program, facts, timings = lower(dec, example, dyn, partitioners, transform_passes=[SymbolicViewToInferred()])
     with open(job.out_dir / MODEL_FILE, "wb") as f:
         program.write_to_file(f)
     io = {"methods": ["forward"], "model_file": MODEL_FILE, "prefill_logits": "last" if last_only else "all",
@@ -268,6 +275,10 @@ def export_executorch(job) -> dict:
     if last_only:
         io["outputs"] = {"logits": {"shape": [1, 1, dec.spec.vocab_size], "dtype": "float32",
                                     "meaning": "logits of the last fed position"}}
+    if dec.lora_names:
+        io["lora"] = {**dec.lora_layout.to_dict(), "inputs": "forward(tokens, input_pos, *lora): lora.{layer}.{target}."
+                      "A [in, rank] then .B [rank, out], layer by layer", "rank_dim": "fixed", "input_dtype": "float32",
+                      "adapter_file": "adapter.safetensors (the same named tensors)"}
     return {"io": io, "quantization_applied": applied,
             "extra": {"delegation": facts, "timings": {"quantize_s": round(t_quant, 2), **timings}}}
 

@@ -66,19 +66,14 @@ class LoraLayout:
         return cls(rank=int(cfg["r"]), targets=tuple(targets), dtype=dtype)
 
     def shapes(self, spec) -> dict[str, tuple[int, int]]:
-        """``{input name: shape}`` for a decoder spec, in graph input order."""
-        q_out = spec.num_heads * spec.head_dim
-        kv_out = spec.num_kv_heads * spec.head_dim
-        h, inter = spec.hidden_size, spec.intermediate_size
-        io = {"q_proj": (h, q_out), "k_proj": (h, kv_out), "v_proj": (h, kv_out), "o_proj": (q_out, h),
-              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-        out = {}
-        for i in range(spec.num_layers):
-            for t in self.targets:
-                fan_in, fan_out = io[t]
-                out[input_name(i, t, "A")] = (fan_in, self.rank)
-                out[input_name(i, t, "B")] = (self.rank, fan_out)
-        return out
+        """``{input name: shape}`` for a decoder spec, in graph input order (the runtime's own copy of the
+        rule, :func:`cdcda_export.runtime.adapters.lora_input_shapes`, is the one definition)."""
+        from ..runtime.adapters import lora_input_shapes
+
+        io = {"num_heads": spec.num_heads, "head_dim": spec.head_dim, "num_kv_heads": spec.num_kv_heads,
+              "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+              "num_layers": spec.num_layers}
+        return lora_input_shapes(io, self.to_dict())
 
     def payload_bytes(self, spec) -> int:
         itemsize = np.dtype(DTYPES[self.dtype]).itemsize
@@ -104,7 +99,7 @@ def attach(dec, layout: LoraLayout):
         raise UserError("adapter packages are not supported for Phi-3 yet (its fused qkv_proj / gate_up_proj "
                         "LoRA spans several of the decoder's projections)", field="model_type",
                         expected="llama, qwen2 or qwen3", hint="export merged artifacts (without --adapter-only)")
-    feed: dict = {}
+    feed = LoraFeed()
 
     class LoraLinear(nn.Module):
         """``base(x)`` plus, per (key, width) part of its output, ``(x @ A_key) @ B_key`` (key None: no LoRA)."""
@@ -121,8 +116,12 @@ def attach(dec, layout: LoraLayout):
             y = self.base(x)
 
             def delta(key):
-                a, b = feed[f"{key}.A"], feed[f"{key}.B"]
-                return torch.matmul(torch.matmul(x, a.to(x.dtype)), b.to(x.dtype))
+                # bmm of [1, T, in] by [1, in, r] then [1, r, out] (the decoders run batch 1). XNNPACK delegates a
+                # bmm with two dynamic operands and a static view; matmul with a 2-D non-constant operand became
+                # a portable aten.mm, and [None] / broadcasting an unsqueeze_copy / expand_copy, each between two
+                # partitions (executorch 1.5.1).
+                a, b = feed[f"{key}.A"].to(x.dtype), feed[f"{key}.B"].to(x.dtype)
+                return torch.bmm(torch.bmm(x, a.reshape(1, a.shape[0], a.shape[1])), b.reshape(1, b.shape[0], b.shape[1]))
 
             if len(self.parts) == 1:
                 return y + delta(self.parts[0][0])
@@ -163,12 +162,28 @@ def attach(dec, layout: LoraLayout):
     return dec
 
 
-def example_tensors(layout: LoraLayout, spec, seed: int = 0) -> list:
-    """Small random LoRA inputs (export tracing wants non-trivial values) in graph input order."""
+class LoraFeed:
+    """The LoRA inputs of the current forward, read by the wrapped linears. Not a dict attribute of the module:
+    torch.export warns about (and may one day refuse) tensors assigned into a module's containers during
+    export; an opaque holder is plain Python state it does not track."""
+
+    def __init__(self):
+        self._t: dict = {}
+
+    def set(self, names, tensors) -> None:
+        self._t = dict(zip(names, tensors))
+
+    def __getitem__(self, name):
+        return self._t[name]
+
+
+def example_tensors(layout: LoraLayout, spec, seed: int = 0, dtype: str | None = None) -> list:
+    """Small random LoRA inputs (export tracing wants non-trivial values) in graph input order; ``dtype``
+    overrides the layout's (the graph's input dtype)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    dt = getattr(torch, layout.dtype)
+    dt = getattr(torch, dtype or layout.dtype)
     return [(torch.randn(*shape, generator=g) * 0.01).to(dt) for shape in layout.shapes(spec).values()]
 
 

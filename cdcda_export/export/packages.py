@@ -108,7 +108,7 @@ def adapter_package(base_pkg: str | Path, adapter: str | Path, out: str | Path, 
         mismatch = str(e).split("\n  next:")[0]
     from .decoder import DecoderSpec
 
-    io = bm["io"]
+    io = bm["io"].get("decoder") or bm["io"]   # Core ML keeps the decoder's shape facts under io.decoder
     spec = DecoderSpec(family=io.get("family", "llama"), vocab_size=int(io["vocab_size"]),
                        hidden_size=int(io["hidden_size"]), num_layers=int(io["num_layers"]),
                        num_heads=int(io["num_heads"]), num_kv_heads=int(io["num_kv_heads"]),
@@ -117,7 +117,7 @@ def adapter_package(base_pkg: str | Path, adapter: str | Path, out: str | Path, 
                        rms_norm_eps=0.0, tie_word_embeddings=False, rope_type="", max_seq_len=int(io["max_seq_len"]))
     layout = LoraLayout.from_dict(bm["lora"])
     tensors, facts = adapter_tensors(adapter, layout, spec)
-    if io.get("lora", {}).get("rank_dim", "").startswith("dynamic") and facts["rank"] < layout.rank:
+    if bm["io"].get("lora", {}).get("rank_dim", "").startswith("dynamic") and facts["rank"] < layout.rank:
         # the graph takes any rank: ship the adapter's own rank, not zero padding
         r = facts["rank"]
         tensors = {k: (v[:, :r] if k.endswith(".A") else v[:r, :]) for k, v in tensors.items()}

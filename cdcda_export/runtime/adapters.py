@@ -17,6 +17,24 @@ from ..errors import UserError
 MANIFEST = "manifest.json"
 
 
+def lora_input_shapes(io: dict, lora: dict) -> dict[str, tuple[int, int]]:
+    """``{input name: shape}`` of a base package's LoRA inputs, in graph input order, from its manifest's
+    ``io`` (decoder shape) and ``lora`` (rank, targets): ``lora.{layer}.{target}.A`` [in, r] then ``.B``
+    [r, out], layer by layer, targets in q, k, v, o, gate, up, down order."""
+    q_out = int(io["num_heads"]) * int(io["head_dim"])
+    kv_out = int(io["num_kv_heads"]) * int(io["head_dim"])
+    h, inter = int(io["hidden_size"]), int(io["intermediate_size"])
+    fan = {"q_proj": (h, q_out), "k_proj": (h, kv_out), "v_proj": (h, kv_out), "o_proj": (q_out, h),
+           "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    r = int(lora["rank"])
+    out = {}
+    for i in range(int(io["num_layers"])):
+        for t in [t for t in fan if t in lora["targets"]]:
+            out[f"lora.{i}.{t}.A"] = (fan[t][0], r)
+            out[f"lora.{i}.{t}.B"] = (r, fan[t][1])
+    return out
+
+
 def package_sha256(manifest: dict) -> str:
     """The identity of a base package: sha256 of its ``files`` table (canonical JSON)."""
     blob = json.dumps(manifest.get("files", {}), sort_keys=True, separators=(",", ":"))
@@ -66,4 +84,4 @@ def load_adapter_tensors(pkg: str | Path, manifest: dict) -> dict:
     return load_file(str(Path(pkg) / manifest["adapter_file"]))
 
 
-__all__ = ["package_sha256", "read_json", "read_adapter_package", "load_adapter_tensors"]
+__all__ = ["lora_input_shapes", "package_sha256", "read_json", "read_adapter_package", "load_adapter_tensors"]

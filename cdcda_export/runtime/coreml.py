@@ -61,7 +61,36 @@ class CoreMLRunner:
         self.model = ct.models.MLModel(str(Path(artifact_dir) / io.get("model_file", "model.mlpackage")),
                                        compute_units=getattr(ct.ComputeUnit, _COMPUTE_UNITS[units]))
         self.position = 0
+        self.lora: dict = {}      # base packages: LoRA inputs fed on every predict (Core ML names, see export)
+        self.adapter = None
+        if manifest.get("delivery") == "base-package":
+            from .adapters import lora_input_shapes
+
+            dt = np.float16 if (io.get("lora") or {}).get("input_dtype") == "float16" else np.float32
+            self.lora_shapes = {n: (s, dt) for n, s in lora_input_shapes(io["decoder"], manifest["lora"]).items()}
+            self._set_lora({})
         self.reset()
+
+    def _set_lora(self, tensors: dict) -> None:
+        self.lora = {n.replace(".", "_"): (tensors[n].astype(dt) if n in tensors else np.zeros(shape, dtype=dt))
+                     for n, (shape, dt) in self.lora_shapes.items()}
+
+    def set_adapter(self, package) -> float:
+        """One user's adapter package as the model's LoRA inputs (``None``: zeros, the plain base); the model
+        stays loaded. Checks the package's files and base package hash. Returns the seconds it took."""
+        import time
+
+        from .adapters import load_adapter_tensors, read_adapter_package
+
+        t0 = time.perf_counter()
+        if package is None:
+            self._set_lora({})
+            self.adapter = None
+        else:
+            m = read_adapter_package(package, self.manifest)
+            self._set_lora(load_adapter_tensors(package, m))
+            self.adapter = {"package": str(package), "user_id": m.get("user_id")}
+        return time.perf_counter() - t0
 
     def reset(self) -> None:
         self.state = self.model.make_state()
@@ -72,7 +101,7 @@ class CoreMLRunner:
         if self.position + t > self.max_seq_len:
             raise ValueError(f"{self.position} cached + {t} new tokens exceed max_seq_len={self.max_seq_len}")
         feed = {"input_ids": np.asarray(ids, dtype=np.int32)[None],
-                "causal_mask": causal_mask(self.position, t, self.mask_dtype, self.mask_value)}
+                "causal_mask": causal_mask(self.position, t, self.mask_dtype, self.mask_value), **self.lora}
         out = self.model.predict(feed, state=self.state)
         self.position += t
         return np.asarray(out["logits"], dtype=np.float32).reshape(t, -1)

@@ -99,12 +99,54 @@ class ExecuTorchRunner:
         torch.set_num_threads(1)
         self.last_only = io.get("prefill_logits") == "last"
         self.module = _load_for_executorch(str(path))
+        self.lora: tuple = ()          # base packages: the LoRA inputs fed after tokens/input_pos
+        self.adapter = None
+        if manifest.get("delivery") == "base-package":
+            from .adapters import lora_input_shapes
+
+            self.lora_shapes = lora_input_shapes(io, manifest["lora"])
+            self._set_lora({})
         self.position = 0
         self._run([0])          # method init + XNNPACK weight packing now, not in the first prefill
         self.position = 0
 
     def reset(self) -> None:
         self.position = 0
+
+    def _set_lora(self, tensors: dict) -> None:
+        torch = self._torch
+        lora_io = self.manifest["io"].get("lora") or {}
+        dt = getattr(torch, lora_io.get("input_dtype") or self.manifest["lora"].get("dtype", "float16"))
+        self.lora = tuple(torch.from_numpy(tensors[n]).to(dt).contiguous() if n in tensors else torch.zeros(shape, dtype=dt)
+                          for n, shape in self.lora_shapes.items())
+
+    def set_adapter(self, package) -> float:
+        """Make one user's adapter package active (``None``: the plain base, zero LoRA inputs) without reloading
+        the program: its ``adapter.safetensors`` tensors become the method's LoRA inputs. Checks the package's
+        files and that it names this base package's hash. Returns the seconds it took."""
+        import time
+
+        from ..errors import UserError
+        from .adapters import load_adapter_tensors, read_adapter_package
+
+        t0 = time.perf_counter()
+        if self.manifest.get("delivery") != "base-package":
+            raise UserError("this artifact takes no adapter (it is not a base package)", field="delivery",
+                            expected="base-package")
+        if package is None:
+            self._set_lora({})
+            self.adapter = None
+            return time.perf_counter() - t0
+        m = read_adapter_package(package, self.manifest)
+        tensors = load_adapter_tensors(package, m)
+        bad = [n for n, shape in self.lora_shapes.items() if n in tensors and tuple(tensors[n].shape) != tuple(shape)]
+        if bad:
+            raise UserError(f"{bad[0]} has shape {list(tensors[bad[0]].shape)}, the base package takes "
+                            f"{list(self.lora_shapes[bad[0]])}", file=str(Path(package) / m["adapter_file"]),
+                            hint="rewrite the adapter package for this base package (`cdcda export --adapter-only`)")
+        self._set_lora(tensors)
+        self.adapter = {"package": str(package), "user_id": m.get("user_id")}
+        return time.perf_counter() - t0
 
     def _run(self, ids: Sequence[int]) -> np.ndarray:
         t = len(ids)
@@ -113,7 +155,7 @@ class ExecuTorchRunner:
         torch = self._torch
         tokens = torch.tensor([list(ids)], dtype=torch.long)
         pos = torch.tensor([self.position], dtype=torch.long)
-        logits = self.module.forward((tokens, pos))[0]
+        logits = self.module.forward((tokens, pos, *self.lora))[0]
         self.position += t
         return logits[0].numpy()
 

@@ -36,6 +36,7 @@ class GenaiRunner:
             raise RuntimeUnavailable(f"{artifact_dir}: no genai_config.json; ONNX Runtime GenAI needs it "
                                      "(re-export with `cdcda export ... --recipe onnx/...`)")
         self._og = og
+        self._loaded: set[str] = set()
         self.manifest = manifest
         self.max_seq_len = int(manifest["io"]["max_seq_len"])
         cfg = og.Config(str(artifact_dir))
@@ -45,13 +46,40 @@ class GenaiRunner:
                 "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
         self.model = og.Model(cfg)
         self.generator = None
+        self.adapters = None       # og.Adapters of a base package: every loaded user's .onnx_adapter, by name
+        self.adapter = None
         self.reset()
+
+    def set_adapter(self, package) -> float:
+        """ORT GenAI's own multi-LoRA: ``og.Adapters(model).load(file, name)`` once per package, then
+        ``generator.set_active_adapter`` on every new sequence (``None``: the plain base, the graph's empty
+        defaults). Checks the package's files and base package hash. Returns the seconds it took."""
+        import time
+
+        from .adapters import read_adapter_package
+
+        t0 = time.perf_counter()
+        if package is None:
+            self.adapter = None
+        else:
+            m = read_adapter_package(package, self.manifest)
+            name = str(Path(package).resolve())
+            if self.adapters is None:
+                self.adapters = self._og.Adapters(self.model)
+            if name not in self._loaded:
+                self.adapters.load(str(Path(package) / m["adapter_file"]), name)
+                self._loaded.add(name)
+            self.adapter = {"package": str(package), "user_id": m.get("user_id"), "name": name}
+        self.reset()
+        return time.perf_counter() - t0
 
     def reset(self) -> None:
         params = self._og.GeneratorParams(self.model)
         params.set_search_options(do_sample=False, max_length=self.max_seq_len, batch_size=1)
         self.generator = None   # free the old KV buffers before the new generator allocates its own
         self.generator = self._og.Generator(self.model, params)
+        if self.adapter is not None:
+            self.generator.set_active_adapter(self.adapters, self.adapter["name"])
         self.position = 0
 
     def _append(self, ids: Sequence[int]) -> np.ndarray:
