@@ -8,8 +8,21 @@ this small pure-torch decoder from the loaded HF model. It reuses the HF weights
 load) and has nothing but linears, a hand-written RMSNorm, precomputed RoPE tables and attention.
 
 Families: Llama (SmolLM2, Llama-3.2 with ``llama3`` rope scaling), Qwen2 (qkv bias), Qwen3 (per-head
-q/k RMSNorm, explicit ``head_dim``), Phi-3 (fused projections, partial rotary), tied or untied
-embeddings.
+q/k RMSNorm, explicit ``head_dim``), Phi-3 (fused projections, partial rotary), Gemma 3 (see below), tied
+or untied embeddings.
+
+Gemma 3 (``gemma3_text``, ``Gemma3ForCausalLM``), as transformers 5.23's ``modeling_gemma3.py`` computes it:
+RMSNorm scales by ``(1 + weight)`` (the decoder stores ``1 + weight`` once: the same float32 product),
+embeddings are multiplied by ``sqrt(hidden_size)`` in the embedding dtype, GeGLU MLP
+(``gelu(approximate="tanh")``), per-head q/k norms, four norms per layer (input, post-attention on the
+attention output, pre- and post-feedforward around the MLP), attention scale
+``query_pre_attn_scalar ** -0.5``, final logit softcapping when the config sets it. Layers follow
+``config.layer_types``: ``sliding_attention`` layers see only the last ``sliding_window`` positions
+(key k visible to query q iff ``q - window < k <= q``) and use the local RoPE base
+(``rope_local_base_freq``); ``full_attention`` layers are causal with ``rope_theta``. HF 5.23 does not
+pass ``attn_logit_softcapping`` to Gemma 3's attention, so neither do we. Every cache strategy applies
+the window as a mask over a full-length cache (see ``CacheStrategy.layer_mask``); no strategy yet keeps
+only the window for sliding layers.
 
 Interface
 ---------
@@ -63,7 +76,10 @@ from torch import nn
 
 from ..errors import UserError
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "phi3")
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gemma3_text")
+# config.model_type -> the family name the decoder records (spec.family, the manifest)
+_FAMILY_NAMES = {"gemma3_text": "gemma3"}
+SLIDING = "sliding_attention"
 
 
 # ----------------------------------------------------------------------------- spec
@@ -89,6 +105,18 @@ class DecoderSpec:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
+    # Gemma 3 (None / defaults for the other families)
+    hidden_act: str = "silu"
+    query_pre_attn_scalar: float | None = None   # attention scale = query_pre_attn_scalar ** -0.5
+    embed_scale: float | None = None             # embeddings * sqrt(hidden_size)
+    final_logit_softcapping: float | None = None
+    sliding_window: int | None = None            # keys k with q - window < k <= q, on sliding layers
+    layer_types: list[str] | None = None         # per layer: "sliding_attention" | "full_attention"
+    rope_local_theta: float | None = None        # RoPE base of the sliding layers
+    rope_global_theta: float | None = None       # RoPE base of the global layers (recorded for the manifest)
+
+    def is_sliding(self, layer_idx: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer_idx] == SLIDING
 
 
 def _ids(x: Any) -> list[int]:
@@ -181,6 +209,17 @@ def mask_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
 
+# Masked value of the sliding-window masks built inside graphs: finite in float16 too (Core ML), and still
+# exp(-65504 - max) == 0 in float32, so the softmax equals the one under finfo(float32).min.
+WINDOW_MASK_VALUE = -65504.0
+
+
+def window_allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """[T, S] bool: key position k is inside the sliding window of query position q (``k > q - window``;
+    HF's ``sliding_window_overlay``). Combine with the causal condition ``k <= q``."""
+    return k_pos[None, :] > q_pos[:, None] - window
+
+
 def causal_mask(t: int, end: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Additive causal mask [1, 1, T, end] for T new tokens at positions end-T .. end-1 (numpy-free)."""
     q = torch.arange(end - t, end)[:, None]
@@ -211,25 +250,41 @@ class Attention(nn.Module):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
-class MLP(nn.Module):
-    """SwiGLU; with ``gate_up_proj`` set, one fused matmul replaces gate/up."""
+_ACTS = {"silu": nn.functional.silu,
+         "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh")}   # Gemma's GeGLU
 
-    def __init__(self, gate_proj, up_proj, down_proj: nn.Linear, gate_up_proj: nn.Linear | None = None):
+
+class MLP(nn.Module):
+    """SwiGLU (GeGLU with ``act="gelu_pytorch_tanh"``); with ``gate_up_proj`` set, one fused matmul replaces gate/up."""
+
+    def __init__(self, gate_proj, up_proj, down_proj: nn.Linear, gate_up_proj: nn.Linear | None = None,
+                 act: str = "silu"):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj, self.gate_up_proj = gate_proj, up_proj, down_proj, gate_up_proj
+        if act not in _ACTS:
+            raise UserError(f"MLP activation {act!r} is not supported by the export decoder",
+                            field="hidden_act", expected=" or ".join(_ACTS))
+        self.act = _ACTS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(nn.functional.silu(gate) * up)
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Layer(nn.Module):
-    def __init__(self, attn: Attention, mlp: MLP, input_norm: RMSNorm, post_norm: RMSNorm):
+    """Pre-norm block. With ``pre_ff_norm``/``post_ff_norm`` (Gemma) it is the sandwich form: the attention
+    output goes through ``post_attention_layernorm`` before the residual add, and the MLP sits between
+    ``pre_feedforward_layernorm`` and ``post_feedforward_layernorm``; otherwise ``post_attention_layernorm``
+    is the MLP's input norm (Llama naming)."""
+
+    def __init__(self, attn: Attention, mlp: MLP, input_norm: RMSNorm, post_norm: RMSNorm,
+                 pre_ff_norm: RMSNorm | None = None, post_ff_norm: RMSNorm | None = None):
         super().__init__()
         self.self_attn, self.mlp = attn, mlp
         self.input_layernorm, self.post_attention_layernorm = input_norm, post_norm
+        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = pre_ff_norm, post_ff_norm
 
 
 # ----------------------------------------------------------------------------- cache strategies
@@ -260,6 +315,14 @@ class CacheStrategy(nn.Module):
     def setup(self, dec: "ExportDecoder") -> None:  # register buffers etc.
         self.spec = dec.spec
         self.scale = dec.scale
+
+    def is_sliding(self, layer_idx: int) -> bool:
+        """Gemma 3: this layer attends within ``spec.sliding_window`` positions only."""
+        return self.spec.is_sliding(layer_idx)
+
+    def layer_mask(self, layer_idx: int, ctx: "AttnContext"):
+        """The additive mask of this layer: ``ctx.extra["sliding_mask"]`` on sliding layers, else ``ctx.mask``."""
+        return ctx.extra["sliding_mask"] if self.is_sliding(layer_idx) else ctx.mask
 
     def prepare(self, dec: "ExportDecoder", *inputs) -> AttnContext:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -320,15 +383,19 @@ class IOCache(CacheStrategy):
         k_pos = torch.arange(s, device=input_ids.device)
         allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
         mask = torch.where(allowed, 0.0, mask_value(torch.float32))
+        extra = {}
+        if self.spec.sliding_window:   # Gemma 3 sliding layers: causal and within the window
+            win = allowed & window_allowed(q_pos, k_pos, self.spec.sliding_window)[None, None]
+            extra["sliding_mask"] = torch.where(win, 0.0, mask_value(torch.float32))
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(n)]
-        return AttnContext(input_ids=input_ids, cos=cos, sin=sin, mask=mask, past=pairs)
+        return AttnContext(input_ids=input_ids, cos=cos, sin=sin, mask=mask, past=pairs, extra=extra)
 
     def attend(self, layer_idx, q, k, v, ctx):
         pk, pv = ctx.past[layer_idx]
         k = torch.cat([pk, k], dim=2)
         v = torch.cat([pv, v], dim=2)
         ctx.present.append((k, v))
-        return eager_attention(q, k, v, ctx.mask, self.scale)
+        return eager_attention(q, k, v, self.layer_mask(layer_idx, ctx), self.scale)
 
     def outputs(self, logits, ctx):
         flat = [t for kv in ctx.present for t in kv]
@@ -397,8 +464,16 @@ class BufferCache(CacheStrategy):
         end = causal_mask.shape[-1]
         start = end - t
         cos, sin = dec.rope_slice(start, t)
+        extra = {"end": end}
+        if self.spec.sliding_window:
+            # Gemma 3 sliding layers: the caller's mask (causal, padding) and, built in the graph from its
+            # shape, the window -- so the model's inputs are the same as for every other family.
+            q_pos = torch.arange(t) + start
+            k_pos = torch.arange(end)
+            win = window_allowed(q_pos, k_pos, self.spec.sliding_window)[None, None]
+            extra["sliding_mask"] = torch.where(win, causal_mask, WINDOW_MASK_VALUE)
         return AttnContext(input_ids=input_ids, cos=cos, sin=sin, mask=causal_mask,
-                           start=start, extra={"end": end})
+                           start=start, extra=extra)
 
     def attend(self, layer_idx, q, k, v, ctx):
         kc = getattr(self, f"k_cache_{layer_idx}")
@@ -406,7 +481,7 @@ class BufferCache(CacheStrategy):
         start, end = ctx.start, ctx.extra["end"]
         kc[:, :, start:end] = k
         vc[:, :, start:end] = v
-        return eager_attention(q, kc[:, :, :end], vc[:, :, :end], ctx.mask, self.scale)
+        return eager_attention(q, kc[:, :, :end], vc[:, :, :end], self.layer_mask(layer_idx, ctx), self.scale)
 
     def input_names(self) -> list[str]:
         return ["input_ids", "causal_mask"]
@@ -440,12 +515,12 @@ def get_cache_strategy(cache: str | CacheStrategy) -> CacheStrategy:
 def _family(config) -> str:
     mt = getattr(config, "model_type", "")
     if mt in SUPPORTED_FAMILIES:
-        return mt
+        return _FAMILY_NAMES.get(mt, mt)
     src = getattr(config, "_name_or_path", "") or ""   # the base directory the model was loaded from
     raise UserError(f"model_type {mt!r} is not supported by the export decoder",
                     file=f"{str(src).rstrip('/')}/config.json" if src else "config.json of the base model",
                     field="model_type", expected=f"one of {', '.join(SUPPORTED_FAMILIES)}",
-                    hint="export a base of a supported family (Llama/SmolLM, Qwen2, Qwen3, Phi-3), e.g. the real "
+                    hint="export a base of a supported family (Llama/SmolLM, Qwen2, Qwen3, Phi-3, Gemma 3), e.g. the real "
                          "SmolLM2-135M-Instruct: `cdcda init-model --arch smollm2-135m-instruct --out DIR`, then "
                          "`cdcda export --base DIR ...`")
 
@@ -465,12 +540,18 @@ class ExportDecoder(nn.Module):
                  lm_head: nn.Linear, rope_cos: torch.Tensor, rope_sin: torch.Tensor, cache: CacheStrategy):
         super().__init__()
         self.spec = spec
-        self.scale = spec.head_dim ** -0.5
+        # Gemma: query_pre_attn_scalar ** -0.5 (a Python float, as HF's ``self.scaling``)
+        self.scale = (spec.query_pre_attn_scalar if spec.query_pre_attn_scalar else spec.head_dim) ** -0.5
         self.embed_tokens = embed
+        # Gemma: embeddings * sqrt(hidden), a 0-d tensor in the embedding dtype (HF rounds it the same way)
+        self.register_buffer("embed_scale", None if spec.embed_scale is None else
+                             torch.tensor(spec.embed_scale).to(embed.weight.dtype), persistent=False)
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.lm_head = lm_head
-        self.register_buffer("rope_cos", rope_cos, persistent=False)  # [max_seq_len, rotary_dim]
+        # [max_seq_len, rotary_dim]; Gemma 3: [max_seq_len, 2 * rotary_dim], the global table then the local
+        # one, so every strategy's row lookup serves both (forward splits them; see rope_table)
+        self.register_buffer("rope_cos", rope_cos, persistent=False)
         self.register_buffer("rope_sin", rope_sin, persistent=False)
         self.register_buffer("rotate_half_w", None, persistent=False)   # set by from_hf(rope_as_matmul=True)
         self.last_logits_only = False   # True: lm_head on the last fed position only -> [B, 1, vocab]
@@ -489,6 +570,19 @@ class ExportDecoder(nn.Module):
     def rope_slice(self, start, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [1, T, rotary_dim] for positions start .. start+T-1."""
         return self.rope_cos[start:start + t][None], self.rope_sin[start:start + t][None]
+
+    @property
+    def two_ropes(self) -> bool:
+        """Gemma 3: the RoPE rows hold the global table then the local (sliding-layer) one."""
+        return self.spec.rope_local_theta is not None
+
+    def rope_table(self, sliding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos/sin table [max_seq_len, rotary_dim] of global (or, Gemma 3, sliding) layers."""
+        if not self.two_ropes:
+            return self.rope_cos, self.rope_sin
+        rd = self.spec.rotary_dim
+        sl = slice(rd, 2 * rd) if sliding else slice(0, rd)
+        return self.rope_cos[:, sl], self.rope_sin[:, sl]
 
     @classmethod
     def from_hf(cls, model, *, max_seq_len: int, cache: str | CacheStrategy = "io",
@@ -511,7 +605,17 @@ class ExportDecoder(nn.Module):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
         rotary = base.rotary_emb
         rope_params = getattr(cfg, "rope_parameters", None) or {}
+        gemma = family == "gemma3"
+        if gemma:   # one rope per layer type: {"full_attention": {...}, "sliding_attention": {...}}
+            types = {lt: (rope_params.get(lt) or {}).get("rope_type", "default") for lt in ("full_attention", SLIDING)}
+            if set(types.values()) != {"default"}:
+                # linear scaling (the larger Gemma 3s) would need the factor on the tables; not checked yet
+                raise UserError(f"Gemma 3 rope types {types} are not supported by the export decoder",
+                                field="rope_parameters", expected="rope_type 'default' for both layer types")
+            rope_params = rope_params["full_attention"]
         rope_type = getattr(rotary, "rope_type", rope_params.get("rope_type", "default"))
+        if isinstance(rope_type, dict):
+            rope_type = rope_type.get("full_attention", "default")
         if rope_type in ("dynamic", "longrope"):
             # These change their frequencies with the sequence length at run time; our tables are fixed.
             max_pos = rope_params.get("original_max_position_embeddings") or cfg.max_position_embeddings
@@ -519,13 +623,21 @@ class ExportDecoder(nn.Module):
                 raise UserError(f"rope_type {rope_type!r} with max_seq_len {max_seq_len} > {max_pos} is not supported",
                                 field="max_seq_len", expected=f"<= {max_pos}")
         # RoPE tables from HF's own rope init (inv_freq + attention_scaling), same float32 math as HF.
-        inv_freq = rotary.inv_freq.detach().to(torch.float32)
-        scaling = float(getattr(rotary, "attention_scaling", 1.0))
         pos = torch.arange(max_seq_len, dtype=torch.float32)
-        freqs = pos[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * scaling, emb.sin() * scaling
-        rotary_dim = cos.shape[-1]
+
+        def tables(inv_freq, scaling):
+            freqs = pos[:, None] * inv_freq.detach().to(torch.float32)[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            return emb.cos() * float(scaling), emb.sin() * float(scaling)
+
+        if gemma:   # global then local table side by side (see rope_table)
+            cos, sin = tables(rotary.full_attention_inv_freq, rotary.full_attention_attention_scaling)
+            lcos, lsin = tables(getattr(rotary, f"{SLIDING}_inv_freq"), getattr(rotary, f"{SLIDING}_attention_scaling"))
+            rotary_dim = cos.shape[-1]
+            cos, sin = torch.cat([cos, lcos], -1), torch.cat([sin, lsin], -1)
+        else:
+            cos, sin = tables(rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0))
+            rotary_dim = cos.shape[-1]
 
         gen = getattr(model, "generation_config", None)
         eos = _ids(getattr(gen, "eos_token_id", None)) or _ids(cfg.eos_token_id)
@@ -533,6 +645,13 @@ class ExportDecoder(nn.Module):
         bos = bos if bos is not None else getattr(cfg, "bos_token_id", None)
         tie = bool(getattr(cfg, "tie_word_embeddings", False))
         embed = base.embed_tokens
+        if gemma:
+            # Gemma3TextScaledWordEmbedding scales inside its forward: use a plain nn.Embedding over the same
+            # weight (tied lm_head stays tied) and scale in ExportDecoder.forward, so quantizers that swap
+            # nn.Embedding (ExecuTorch's) keep the scale.
+            plain = nn.Embedding(embed.num_embeddings, embed.embedding_dim, embed.padding_idx, device="meta")
+            plain.weight = embed.weight
+            embed = plain
         lm_head = model.lm_head
         if tie and lm_head.weight is not embed.weight:
             lm_head.weight = embed.weight
@@ -545,10 +664,28 @@ class ExportDecoder(nn.Module):
             tie_word_embeddings=tie, rope_type=str(rope_type), max_seq_len=max_seq_len,
             bos_token_id=None if bos is None else int(bos), eos_token_ids=eos,
             pad_token_id=getattr(cfg, "pad_token_id", None))
+        if gemma:
+            window = getattr(cfg, "sliding_window", None)
+            spec.hidden_act = cfg.hidden_activation
+            spec.query_pre_attn_scalar = float(cfg.query_pre_attn_scalar)
+            spec.embed_scale = float(base.embed_tokens.scalar_embed_scale)
+            spec.final_logit_softcapping = getattr(cfg, "final_logit_softcapping", None)
+            spec.layer_types = list(cfg.layer_types)
+            spec.sliding_window = int(window) if window and SLIDING in spec.layer_types else None
+            spec.rope_local_theta = float(cfg.rope_parameters[SLIDING]["rope_theta"])
+            spec.rope_global_theta = float(cfg.rope_parameters["full_attention"]["rope_theta"])
+            if getattr(cfg, "use_bidirectional_attention", False):
+                raise UserError("Gemma 3 with use_bidirectional_attention is an encoder, not a causal LM",
+                                field="use_bidirectional_attention", expected="false")
+        else:
+            spec.hidden_act = getattr(cfg, "hidden_act", "silu")
         eps = spec.rms_norm_eps
 
         def norm(mod) -> RMSNorm:
-            return RMSNorm(mod.weight, getattr(mod, "variance_epsilon", getattr(mod, "eps", eps)),
+            weight = mod.weight
+            if gemma:   # Gemma3RMSNorm: x_normed * (1 + weight), in float32
+                weight = nn.Parameter(1.0 + weight.detach().to(torch.float32), requires_grad=False)
+            return RMSNorm(weight, getattr(mod, "variance_epsilon", getattr(mod, "eps", eps)),
                            delegate_friendly_norm)
 
         layers = []
@@ -572,14 +709,16 @@ class ExportDecoder(nn.Module):
             elif fuse_projections:
                 qkv = _cat_linears(a.q_proj, a.k_proj, a.v_proj)
                 q = k = v = None
-                mlp = MLP(None, None, hl.mlp.down_proj, _cat_linears(hl.mlp.gate_proj, hl.mlp.up_proj))
+                mlp = MLP(None, None, hl.mlp.down_proj, _cat_linears(hl.mlp.gate_proj, hl.mlp.up_proj),
+                          act=spec.hidden_act)
             else:
                 q, k, v = a.q_proj, a.k_proj, a.v_proj
-                mlp = MLP(hl.mlp.gate_proj, hl.mlp.up_proj, hl.mlp.down_proj)
+                mlp = MLP(hl.mlp.gate_proj, hl.mlp.up_proj, hl.mlp.down_proj, act=spec.hidden_act)
             qn = norm(a.q_norm) if hasattr(a, "q_norm") else None
             kn = norm(a.k_norm) if hasattr(a, "k_norm") else None
+            sandwich = (norm(hl.pre_feedforward_layernorm), norm(hl.post_feedforward_layernorm)) if gemma else ()
             layers.append(Layer(Attention(q, k, v, a.o_proj, qn, kn, qkv, split), mlp,
-                                norm(hl.input_layernorm), norm(hl.post_attention_layernorm)))
+                                norm(hl.input_layernorm), norm(hl.post_attention_layernorm), *sandwich))
         dec = cls(spec, embed, layers, norm(base.norm), lm_head, cos, sin, get_cache_strategy(cache))
         if rope_as_matmul:
             dec.rotate_half_w = rotate_half_matrix(rotary_dim)
@@ -599,7 +738,13 @@ class ExportDecoder(nn.Module):
         if not self.cache.applies_rope:
             cos = cos[:, :, None, :] if bthd else cos[:, None, :, :]
             sin = sin[:, :, None, :] if bthd else sin[:, None, :, :]
+        ropes = {False: (cos, sin)}
+        if self.two_ropes and not self.cache.applies_rope:   # Gemma 3: [global | local] rows
+            rd = self.spec.rotary_dim
+            ropes = {False: (cos[..., :rd], sin[..., :rd]), True: (cos[..., rd:], sin[..., rd:])}
         h = self.embed_tokens(ctx.input_ids)
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             x = layer.input_layernorm(h)
@@ -607,12 +752,20 @@ class ExportDecoder(nn.Module):
                 # the strategy's fused op takes the qkv matmul output as is (no split, no reshapes)
                 attn = self.cache.attend_packed(i, a.qkv_proj(x), ctx)
             else:
-                attn = self._attend(i, a, x, cos, sin, ctx)
-            h = h + a.o_proj(attn)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+                lc, ls = ropes[self.spec.is_sliding(i) and len(ropes) > 1]
+                attn = self._attend(i, a, x, lc, ls, ctx)
+            if layer.post_feedforward_layernorm is not None:   # Gemma's sandwich norms
+                h = h + layer.post_attention_layernorm(a.o_proj(attn))
+                h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+            else:
+                h = h + a.o_proj(attn)
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
         if self.last_logits_only:
             h = h[:, -1:, :]      # one slice_copy (portable kernel: XNNPACK takes no dynamic-axis slice)
         logits = self.lm_head(self.norm(h))
+        cap = self.spec.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
         return self.cache.outputs(logits, ctx)
 
     def _attend(self, i: int, a: Attention, x: torch.Tensor, cos, sin, ctx: AttnContext) -> torch.Tensor:
@@ -639,7 +792,23 @@ class ExportDecoder(nn.Module):
                 "num_layers": sp.num_layers, "num_heads": sp.num_heads, "num_kv_heads": sp.num_kv_heads,
                 "head_dim": sp.head_dim, "hidden_size": sp.hidden_size, "intermediate_size": sp.intermediate_size,
                 "family": sp.family,
+                **self._gemma_io(),
                 **self.cache.io_description()}
+
+    def _gemma_io(self) -> dict:
+        """Gemma 3's attention layout for the manifest (nothing for the other families)."""
+        sp = self.spec
+        if not sp.layer_types:
+            return {}
+        sliding = [i for i in range(sp.num_layers) if sp.is_sliding(i)]
+        return {"attention_layers": {
+            "sliding_window": sp.sliding_window, "sliding_layers": sliding,
+            "global_layers": [i for i in range(sp.num_layers) if i not in sliding],
+            "rope_theta": {"global": sp.rope_global_theta, "sliding": sp.rope_local_theta},
+            "sliding_kv_cache": "full length (max_seq_len); the window is applied by the attention mask, so "
+                                "positions before q - window + 1 are kept but never read",
+            "query_pre_attn_scalar": sp.query_pre_attn_scalar,
+            "final_logit_softcapping": sp.final_logit_softcapping}}
 
 
 def hf_reference_logits(model, ids: torch.Tensor) -> torch.Tensor:

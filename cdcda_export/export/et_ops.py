@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from executorch.exir.pass_base import ExportPass, PassResult
 
-from .decoder import AttnContext, CacheStrategy
+from .decoder import AttnContext, CacheStrategy, window_allowed
 
 
 def load_custom_ops() -> None:
@@ -41,6 +41,8 @@ class CustomOpsKVCache(CacheStrategy):
         for i in range(sp.num_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+        if sp.sliding_window:   # Gemma 3: positions of the cache rows, for the sliding layers' mask
+            self.register_buffer("key_positions", torch.arange(sp.max_seq_len), persistent=False)
 
     def prepare(self, dec, tokens: torch.Tensor, input_pos: torch.Tensor) -> AttnContext:
         t = tokens.shape[1]
@@ -48,14 +50,25 @@ class CustomOpsKVCache(CacheStrategy):
         torch._check(start >= 0)
         torch._check(start + t <= self.max_seq_len)
         cos, sin = dec.rope_slice(start, t)
-        return AttnContext(input_ids=tokens, cos=cos, sin=sin, start=start)
+        extra = {}
+        if self.spec.sliding_window:
+            # Gemma 3 sliding layers: custom_sdpa with an explicit [T, max_seq_len] mask (causal and within
+            # the window; its kernel asserts mask.size(1) == the cache length) instead of is_causal.
+            q_pos = torch.arange(t) + start
+            k_pos = self.key_positions
+            allowed = (k_pos[None, :] <= q_pos[:, None]) & window_allowed(q_pos, k_pos, self.spec.sliding_window)
+            extra["sliding_mask"] = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+        return AttnContext(input_ids=tokens, cos=cos, sin=sin, start=start, extra=extra)
 
     def attend(self, layer_idx: int, q, k, v, ctx: AttnContext) -> torch.Tensor:
         kc = getattr(self, f"k_cache_{layer_idx}")
         vc = getattr(self, f"v_cache_{layer_idx}")
         torch.ops.llama.update_cache(k, kc, ctx.start)
         torch.ops.llama.update_cache(v, vc, ctx.start)
-        out = torch.ops.llama.custom_sdpa(q, kc, vc, ctx.start, None, 0.0, True, self.scale)
+        if self.is_sliding(layer_idx):
+            out = torch.ops.llama.custom_sdpa(q, kc, vc, ctx.start, ctx.extra["sliding_mask"], 0.0, False, self.scale)
+        else:
+            out = torch.ops.llama.custom_sdpa(q, kc, vc, ctx.start, None, 0.0, True, self.scale)
         b, t = q.shape[0], q.shape[1]
         return out.reshape(b, t, q.shape[2] * q.shape[3])
 
@@ -115,14 +128,18 @@ class StateKVCache(CacheStrategy):
         cos, sin = dec.rope_at(input_pos[None])
         allowed = self.key_positions[None, :] <= input_pos[:, None]            # [1, L]
         mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]  # [1, 1, 1, L]
-        return AttnContext(input_ids=tokens, cos=cos, sin=sin, mask=mask, start=input_pos)
+        extra = {}
+        if self.spec.sliding_window:   # Gemma 3 sliding layers: also within the window
+            win = allowed & window_allowed(input_pos, self.key_positions, self.spec.sliding_window)
+            extra["sliding_mask"] = torch.where(win, 0.0, torch.finfo(torch.float32).min)[None, None]
+        return AttnContext(input_ids=tokens, cos=cos, sin=sin, mask=mask, start=input_pos, extra=extra)
 
     def attend(self, layer_idx: int, q, k, v, ctx: AttnContext) -> torch.Tensor:
         from .decoder import eager_attention
 
         kc = torch.ops.aten.index_put_(getattr(self, f"k_cache_{layer_idx}"), [None, None, ctx.start], k)
         vc = torch.ops.aten.index_put_(getattr(self, f"v_cache_{layer_idx}"), [None, None, ctx.start], v)
-        return eager_attention(q, kc, vc, ctx.mask, self.scale)
+        return eager_attention(q, kc, vc, self.layer_mask(layer_idx, ctx), self.scale)
 
     def input_names(self) -> list[str]:
         return ["tokens", "input_pos"]

@@ -51,21 +51,24 @@ def _gqa_op():
     if _GQA_OP is not None:
         return _GQA_OP
     import torch
-    from .decoder import apply_rope, causal_mask, eager_attention
+    from .decoder import WINDOW_MASK_VALUE, apply_rope, causal_mask, eager_attention, window_allowed
 
     schema = ("(Tensor q, Tensor? k, Tensor? v, Tensor past_k, Tensor past_v, Tensor seqlens_k, Tensor total_len, "
               "Tensor cos_cache, Tensor sin_cache, int num_heads, int kv_heads, float scale, int do_rotary, "
-              "int share_buffer) "
+              "int share_buffer, int local_window=-1) "
               "-> (Tensor, Tensor, Tensor)")  # explicit: this module uses postponed annotations
 
     @torch.library.custom_op("cdcda::ort_gqa", mutates_args=(), schema=schema)
     def ort_gqa(q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache, num_heads, kv_heads,
-                scale, do_rotary, share_buffer):
+                scale, do_rotary, share_buffer, local_window=-1):
         """Reference semantics of GroupQueryAttention (batch 1, no padding): q [B,T,H*D], k/v [B,T,KVH*D]
         (or k = v = None and q the packed [B,T,(H+2*KVH)*D] qkv), past [B,KVH,P,D] -> out [B,T,H*D],
         present = concat(past, new) [B,KVH,P+T,D]; with ``share_buffer`` past is a [B,KVH,max_seq_len,D]
         buffer and present is that buffer with rows total-T..total-1 written (ORT does it in place when past
-        and present are bound to the same memory)."""
+        and present are bound to the same memory). ``local_window`` >= 0 (Gemma 3 sliding layers): a query at
+        position q also sees only keys k > q - local_window, i.e. ``local_window`` keys including itself: what
+        ONNX Runtime 1.31's CPU GroupQueryAttention does with ``local_window_size`` (measured: with 3, the query
+        at position 3 no longer sees key 0), and HF's ``sliding_window``."""
         b, t, _ = q.shape
         d = past_k.shape[-1]
         if k is None:   # packed qkv
@@ -88,12 +91,16 @@ def _gqa_op():
         else:
             pk = ak = torch.cat([past_k, kh.transpose(1, 2)], 2)
             pv = av = torch.cat([past_v, vh], 2)
-        out = eager_attention(qh.transpose(1, 2), ak, av, causal_mask(t, p + t, q.dtype), scale)
+        mask = causal_mask(t, p + t, q.dtype)
+        if local_window >= 0:
+            win = window_allowed(torch.arange(p, p + t), torch.arange(p + t), local_window)
+            mask = torch.where(win[None, None], mask, WINDOW_MASK_VALUE)
+        out = eager_attention(qh.transpose(1, 2), ak, av, mask, scale)
         return out, pk, pv
 
     @ort_gqa.register_fake
     def _(q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache, num_heads, kv_heads, scale, do_rotary,
-          share_buffer):
+          share_buffer, local_window=-1):
         b, t, _ = q.shape
         d = past_k.shape[-1]   # q may be packed qkv: the output width is num_heads * d either way
         s = past_k.shape[2] if share_buffer else past_k.shape[2] + t
@@ -105,7 +112,7 @@ def _gqa_op():
 
 
 def _gqa_onnx(q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache, num_heads, kv_heads, scale,
-              do_rotary, share_buffer):
+              do_rotary, share_buffer, local_window=-1):
     """ONNX translation of ``cdcda::ort_gqa``: one com.microsoft.GroupQueryAttention node."""
     # torch's exporter has no public helper for a contrib-domain node with several outputs; this is the
     # one it uses itself for control flow (torch 2.13). The domain's opset is set to 1 after export.
@@ -113,7 +120,8 @@ def _gqa_onnx(q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cach
 
     return call_op("GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache,
                    _num_outputs=3, _domain="com.microsoft", num_heads=num_heads, kv_num_heads=kv_heads,
-                   scale=scale, do_rotary=do_rotary, rotary_interleaved=0)
+                   scale=scale, do_rotary=do_rotary, rotary_interleaved=0,
+                   **({"local_window_size": local_window} if local_window >= 0 else {}))
 
 
 def _make_gqa_strategy():
@@ -137,8 +145,13 @@ def _make_gqa_strategy():
             sp = dec.spec
             self.applies_rope = sp.rotary_dim == sp.head_dim   # partial rotary (Phi-3 variants): decoder rotates
             half = sp.rotary_dim // 2
-            self.register_buffer("cos_cache", dec.rope_cos[:, :half].clone(), persistent=False)
-            self.register_buffer("sin_cache", dec.rope_sin[:, :half].clone(), persistent=False)
+            cos, sin = dec.rope_table()
+            self.register_buffer("cos_cache", cos[:, :half].clone(), persistent=False)
+            self.register_buffer("sin_cache", sin[:, :half].clone(), persistent=False)
+            if dec.two_ropes:   # Gemma 3: the sliding layers' RoPE base
+                cos, sin = dec.rope_table(sliding=True)
+                self.register_buffer("cos_cache_local", cos[:, :half].clone(), persistent=False)
+                self.register_buffer("sin_cache_local", sin[:, :half].clone(), persistent=False)
             self.op = _gqa_op()
 
         def prepare(self, dec, input_ids, attention_mask, position_ids, *past) -> AttnContext:
@@ -163,9 +176,14 @@ def _make_gqa_strategy():
         def _gqa(self, layer_idx, q, k, v, ctx):
             sp = self.spec
             pk, pv = ctx.past[layer_idx]
-            out, nk, nv = self.op(q, k, v, pk, pv, ctx.extra["seqlens_k"], ctx.extra["total_len"], self.cos_cache,
-                                  self.sin_cache, sp.num_heads, sp.num_kv_heads, float(self.scale), int(self.applies_rope),
-                                  int(self.share_buffer))
+            cos, sin, window = self.cos_cache, self.sin_cache, -1
+            if self.is_sliding(layer_idx):   # Gemma 3: keys k > q - sliding_window, local RoPE base
+                window = sp.sliding_window
+                if hasattr(self, "cos_cache_local"):
+                    cos, sin = self.cos_cache_local, self.sin_cache_local
+            out, nk, nv = self.op(q, k, v, pk, pv, ctx.extra["seqlens_k"], ctx.extra["total_len"], cos, sin,
+                                  sp.num_heads, sp.num_kv_heads, float(self.scale), int(self.applies_rope),
+                                  int(self.share_buffer), *([window] if window >= 0 else []))
             ctx.present.append((nk, nv))
             return out
 
@@ -558,6 +576,8 @@ def genai_config(spec, recipe, *, filename: str = MODEL_FILE, pad_token_id: int 
             },
             "eos_token_id": eos if len(eos) > 1 else eos[0],
             "pad_token_id": pad_token_id if pad_token_id is not None else eos[0],
+            # ORT GenAI's "gemma3_text" type would size sliding layers' caches to the window; our graph keeps
+            # full-length caches and masks the window inside, which is the "llama" contract
             "type": spec.family if spec.family in ("llama", "qwen2", "qwen3", "phi3") else "llama",
             "vocab_size": spec.vocab_size,
         },

@@ -56,6 +56,19 @@ _PHI3_MINI = {
     "attention_bias": False, "initializer_range": 0.02, "sliding_window": 2047, "torch_dtype": "bfloat16",
 }
 
+# google/gemma-3-270m (the base model): 5 of 6 layers sliding-window (512), two RoPE bases, 1 KV head.
+_GEMMA3_270M = {
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 640,
+    "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
+    "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": None,
+    "query_pre_attn_scalar": 256, "sliding_window": 512,
+    "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)],
+    "final_logit_softcapping": None, "attn_logit_softcapping": None, "use_bidirectional_attention": False,
+    "attention_bias": False, "tie_word_embeddings": True, "vocab_size": 262144, "initializer_range": 0.02,
+    "torch_dtype": "bfloat16",
+}
+
 
 def _shrink(cfg: dict, **kw) -> dict:
     out = dict(cfg)
@@ -70,6 +83,11 @@ def _shrink(cfg: dict, **kw) -> dict:
     if out["model_type"] == "phi3":
         out["original_max_position_embeddings"] = 512
         out["sliding_window"] = None
+    if out["model_type"] == "gemma3_text":
+        # one sliding and one global layer; a window of 4 so short test prompts already cross it, and
+        # query_pre_attn_scalar != head_dim so a wrong attention scale shows
+        out.update(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+                   query_pre_attn_scalar=24)
     out.update(kw)
     return out
 
@@ -82,12 +100,14 @@ ARCHS: dict[str, dict] = {
     "llama-3.2-1b": _LLAMA32_1B,
     "qwen3-0.6b": _QWEN3_06B,
     "phi-3-mini": _PHI3_MINI,
+    "gemma3-270m": _GEMMA3_270M,
     # Shrunk shapes of the same families, for unit tests.
     "tiny": _shrink(_SMOLLM2_135M),
     "tiny-llama": _shrink(_LLAMA32_1B),
     "tiny-qwen2": _shrink(_QWEN25_05B),
     "tiny-qwen3": _shrink(_QWEN3_06B),
     "tiny-phi3": _shrink(_PHI3_MINI),
+    "tiny-gemma3": _shrink(_GEMMA3_270M),
 }
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -175,6 +195,13 @@ def init_model(arch: str, out: str | Path, *, seed: int = 0, force: bool = False
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
+    if model_type == "gemma3_text":
+        # Gemma's RMSNorm scales by (1 + weight) and HF initialises weight to 0: perturb the norms so that
+        # random-weight Gemma bases (and the tests on them) exercise that scaling
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0.0, 0.1)
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tmp, model_max_length=min(int(cfg_dict["max_position_embeddings"]), 131072))
