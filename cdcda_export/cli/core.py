@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from ..train.train import Hyper as _HP   # the one declaration of the training defaults (pipeline too)
 from . import app
 
 data_app = typer.Typer(help="LaMP personal data: validate files, copy the shipped sample.", no_args_is_help=True)
@@ -79,12 +80,13 @@ def train_cmd(
     out: Path = typer.Option(..., help="ADAPTERS root: writes ADAPTERS/<user>/"),
     users: Optional[str] = typer.Option(None, help="Comma-separated user ids (default: all)."),
     synthetic: Optional[Path] = typer.Option(None, help="`cdcda augment` output: DIR/<user>/*.jsonl"),
-    synthetic_ratio: float = typer.Option(1.0, help="Synthetic examples per real example (at most)."),
-    rank: int = typer.Option(8), alpha: int = typer.Option(16),
+    synthetic_ratio: float = typer.Option(_HP.synthetic_ratio, help="Synthetic examples per real example (at most)."),
+    rank: int = typer.Option(_HP.rank), alpha: int = typer.Option(_HP.alpha),
     target_modules: Optional[str] = typer.Option(None, help="Comma-separated module names (default: all linears)."),
-    epochs: int = typer.Option(5), max_steps: Optional[int] = typer.Option(None, help="Stop after N steps (default: epochs)."),
-    lr: float = typer.Option(1e-3), seed: int = typer.Option(0),
-    holdout: float = typer.Option(0.2, help="Fraction of each user's real pairs held out for evaluation."),
+    epochs: int = typer.Option(_HP.epochs),
+    max_steps: Optional[int] = typer.Option(_HP.max_steps, help="Stop after N steps (default: epochs)."),
+    lr: float = typer.Option(_HP.lr), seed: int = typer.Option(_HP.seed),
+    holdout: float = typer.Option(_HP.holdout, help="Fraction of each user's real pairs held out for evaluation."),
     force: bool = typer.Option(False, help="Retrain users that are already done."),
     prompt_format: str = typer.Option(
         "auto", help="auto | chat | plain. chat: each example is one user turn of the base's chat template, "
@@ -158,16 +160,65 @@ def eval_cmd(
     typer.echo(json.dumps(res.get("overall", res), indent=2))
 
 
-@app.command("pipeline")
+pipeline_app = typer.Typer(
+    help="Many users end to end, resumable: augment -> train -> export (adapter package per user on a shared "
+         "base package, or merged artifacts) -> check -> bench. `cdcda pipeline --out DIR` runs it; `cdcda pipeline "
+         "status --out DIR` counts users per stage.", invoke_without_command=True)
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.callback(invoke_without_command=True)
 def pipeline_cmd(
+    ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, help="Pipeline YAML (see README); default: the embedded demo."),
-    out: Path = typer.Option(Path("runs/pipeline"), help="Work directory (resumable)."),
-    set_: List[str] = typer.Option([], "--set", help="Override a key, e.g. --set tasks=[LaMP-3]"),
+    out: Path = typer.Option(Path("runs/pipeline"), help="Work directory: outputs, ledger.sqlite, summary.json."),
+    set_: List[str] = typer.Option([], "--set", help="Override a key, e.g. --set tasks=[LaMP-3] "
+                                                     "--set train.max_steps=20"),
+    executor: str = typer.Option("local", help="local: a process pool on this machine; ray: one Ray task per "
+                                               "(user, stage) (pip install 'cdcda-export\\[ray]')."),
+    address: str = typer.Option("auto", help="With --executor ray: auto (a running cluster), local (start one "
+                                             "here), or ray://HOST:10001."),
+    workers: Optional[int] = typer.Option(None, help="Local pool size cap (default: min(cores, available "
+                                                     "memory / per-worker estimate))."),
+    max_retries: int = typer.Option(2, help="Retries of a (user, stage) after an error worth retrying "
+                                            "(network, I/O, out of memory, a dead worker)."),
 ):
-    """Many users end to end: augment -> train -> merge -> export -> check -> bench. Re-running resumes."""
+    """Run every (user, stage) whose inputs changed since the ledger recorded it; the rest is skipped.
+    Re-running after a kill (or a failure) finishes the job; a failed user does not stop the others
+    (exit code 1 when any stage failed)."""
+    if ctx.invoked_subcommand:
+        return
     from ..pipeline import load_pipeline_config, run_pipeline
 
-    run_pipeline(load_pipeline_config(config, set_), out)
+    if executor not in ("local", "ray"):
+        from ..errors import UserError
+
+        raise UserError(f"--executor {executor!r}", field="--executor", expected="local or ray")
+    summary = run_pipeline(load_pipeline_config(config, set_), out, executor=executor, address=address,
+                           workers=workers, max_retries=max_retries)
+    if summary["failures"]:
+        typer.secho(f"{len(summary['failures'])} stage(s) failed; `cdcda pipeline status --out {out}` lists them, "
+                    "re-run the same command to retry", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
+@pipeline_app.command("status")
+def pipeline_status_cmd(
+    out: Path = typer.Option(Path("runs/pipeline"), help="The --out of the pipeline run."),
+    config: Optional[Path] = typer.Option(None, help="Count against this config instead of the last run's."),
+    set_: List[str] = typer.Option([], "--set", help="Override a key of that config."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the counts and per-user states here."),
+):
+    """Per stage, how many users are done, skipped, failed, pending or stale (inputs changed since), for the
+    data and config as they are now; failed users with their error."""
+    from ..pipeline import load_pipeline_config, pipeline_status, print_status
+    from ..utils import write_json_atomic
+
+    cfg = load_pipeline_config(config, set_) if (config or set_) else None
+    st = pipeline_status(out, cfg)
+    if json_out:
+        write_json_atomic(json_out, st)
+    print_status(st)
 
 
 @app.command("demo")
@@ -179,4 +230,6 @@ def demo_cmd(
     augmentation, export, fidelity check and host bench, with a summary table."""
     from ..pipeline import demo_config, run_pipeline
 
-    run_pipeline(demo_config(quick=quick), out)
+    summary = run_pipeline(demo_config(quick=quick), out)
+    if summary["failures"]:
+        raise typer.Exit(1)

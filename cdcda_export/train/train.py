@@ -357,12 +357,14 @@ def _update_report(out: Path, task: str, base_info: dict, results: list[UserTrai
 
 
 def train_users(base: Path, task: str, questions: Path, outputs: Path | None, out: Path,
-                users: list[str] | None = None, synthetic: Path | None = None, synthetic_ratio: float = 1.0,
-                rank: int = 8, alpha: int = 16, target_modules: list[str] | None = None, epochs: int = 5,
-                max_steps: int | None = None, lr: float = 1e-3, seed: int = 0, holdout: float = 0.2,
-                force: bool = False, progress: bool = True, *, batch_size: int = 4, dropout: float = 0.0,
-                max_seq_len: int = DEFAULT_MAX_SEQ_LEN, threads: int | None = None,
-                prompt_format: str = "auto") -> list[UserTrainResult]:
+                users: list[str] | None = None, synthetic: Path | None = None,
+                synthetic_ratio: float = Hyper.synthetic_ratio, rank: int = Hyper.rank, alpha: int = Hyper.alpha,
+                target_modules: list[str] | None = None, epochs: int = Hyper.epochs,
+                max_steps: int | None = Hyper.max_steps, lr: float = Hyper.lr, seed: int = Hyper.seed,
+                holdout: float = Hyper.holdout, force: bool = False, progress: bool = True, *,
+                batch_size: int = Hyper.batch_size, dropout: float = Hyper.dropout,
+                max_seq_len: int = Hyper.max_seq_len, threads: int | None = None,
+                prompt_format: str = Hyper.prompt_format) -> list[UserTrainResult]:
     """Train one LoRA adapter per user into ``out/<user>/``; returns one result per selected user.
 
     ``synthetic``: a ``cdcda augment`` output (``DIR/<user>/*.jsonl``); ``synthetic_ratio`` is the
