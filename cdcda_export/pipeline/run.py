@@ -347,7 +347,7 @@ class Driver:
             res = {"ok": False, "transient": True, "error": "the worker process died (killed, or out of memory)"}
         except Exception as e:  # noqa: BLE001 - Ray: retries exhausted, or the worker/node died
             res = {"ok": False, "transient": False, "error": f"{type(e).__name__}: {e}"[:4000]}
-        who = f"{job.task}/{job.user}" if job.task != SHARED_TASK else "*"
+        who = f"{job.task}/{job.user}" if job.task != SHARED_TASK else f"{job.user}:"
         if not res["ok"]:
             if res.get("transient") and self.ex.driver_retries and attempt <= self.max_retries:
                 self.log(f"{who} {job.stage}: attempt {attempt} failed ({res['error'].splitlines()[0]}); retrying")

@@ -222,9 +222,11 @@ def stage_check(job: Job) -> dict:
         check_report.write_json(tmp / "fidelity.json", reps)
         check_report.write_markdown(tmp / "fidelity.md", reps, None)
         by_recipe = {}
+        names = {str(Path(a["path"])): name for name, a in arts.items()}
         for rep in reps:
             m = rep.get("metrics") or {}
-            by_recipe[(rep.get("artifact") or {}).get("recipe")] = {
+            art = rep.get("artifact") or {}
+            by_recipe[names.get(str(art.get("path")), art.get("recipe"))] = {
                 "gate": "skipped" if rep.get("skipped") else ("pass" if rep.get("passed") else "fail"),
                 **{k: m.get(k) for k in ("max_abs_logit_err", "mean_kl", "top1_agreement", "greedy_match_rate",
                                          "ppl_ratio")}}
