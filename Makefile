@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick test-slow bench quality fidelity-baselines install clean
+.PHONY: demo test test-quick test-slow bench quality adapter-bench fidelity-baselines install clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "$(PY) not found; set PY=python3.x (3.10-3.12)"; exit 1; }
@@ -55,6 +55,15 @@ quality: $(STAMP)
 	$(BIN)/cdcda train --base $(QDIR)/base/smollm2-135m-instruct --task LaMP-3 --questions $(LAMP3)/questions.json \
 	  --outputs $(LAMP3)/outputs.json --out $(QDIR)/adapters --users 3000 --max-steps 20
 	$(BIN)/python benchmarks/quality.py --adapter $(QDIR)/adapters/3000 --ours onnx/int8,onnx/int4
+
+# Adapter packages vs merged artifacts on the real SmolLM2-135M-Instruct: two LaMP-3 users (adapters trained
+# once, 20 steps, plain prompts), per-user bytes/seconds, fidelity, decode, user switch.
+ADIR := benchmarks/.cache/adapter_packages
+adapter-bench: $(STAMP)
+	test -d $(ADIR)/base || $(BIN)/cdcda init-model --arch smollm2-135m-instruct --out $(ADIR)/base
+	$(BIN)/cdcda train --base $(ADIR)/base --task LaMP-3 --questions $(LAMP3)/questions.json \
+	  --outputs $(LAMP3)/outputs.json --out $(ADIR)/adapters --users 3000,3001 --max-steps 20 --prompt-format plain
+	$(BIN)/python benchmarks/adapter_packages.py --base $(ADIR)/base --adapters $(ADIR)/adapters
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -260,6 +260,7 @@ def export_executorch(job) -> dict:
     if dec.lora_names:   # base package: LoRA A/B as method inputs after tokens/input_pos (static shapes, fixed rank)
         from .lora import example_tensors
 
+        dec.lora_feed.bmm = True
         # float32 inputs: a cast in the graph would be a portable op between XNNPACK partitions; the adapter file
         # keeps the layout's dtype (fp16) and the runner widens it once per user switch
         example = (*example, *example_tensors(dec.lora_layout, dec.spec, dtype="float32"))

@@ -116,15 +116,19 @@ def attach(dec, layout: LoraLayout):
             y = self.base(x)
 
             def delta(key):
-                # bmm of [1, T, in] by [1, in, r] then [1, r, out] (the decoders run batch 1). XNNPACK delegates a
-                # bmm with two dynamic operands and a static view; matmul with a 2-D non-constant operand became
-                # a portable aten.mm, and [None] / broadcasting an unsqueeze_copy / expand_copy, each between two
-                # partitions (executorch 1.5.1).
                 a, b = feed[f"{key}.A"].to(x.dtype), feed[f"{key}.B"].to(x.dtype)
+                if not feed.bmm:   # ONNX / Core ML: MatMul broadcasts a 2-D operand (two nodes per target)
+                    return torch.matmul(torch.matmul(x, a), b)
+                # ExecuTorch: bmm of [1, T, in] by [1, in, r] then [1, r, out] (the decoders run batch 1). XNNPACK
+                # delegates a bmm with two dynamic operands and a static view; matmul with a 2-D non-constant
+                # operand became a portable aten.mm, and [None] / broadcasting an unsqueeze_copy / expand_copy,
+                # each between two partitions (executorch 1.5.1).
                 return torch.bmm(torch.bmm(x, a.reshape(1, a.shape[0], a.shape[1])), b.reshape(1, b.shape[0], b.shape[1]))
 
             if len(self.parts) == 1:
                 return y + delta(self.parts[0][0])
+            if all(k is not None for k, _ in self.parts):   # every part adapted: one Concat, one Add (no Split)
+                return y + torch.cat([delta(k) for k, _ in self.parts], -1)
             chunks = y.split([w for _, w in self.parts], dim=-1)
             return torch.cat([c + delta(k) if k is not None else c for c, (k, _) in zip(chunks, self.parts)], -1)
 
@@ -169,6 +173,7 @@ class LoraFeed:
 
     def __init__(self):
         self._t: dict = {}
+        self.bmm = False    # ExecuTorch sets it: batched matmuls XNNPACK delegates (see LoraLinear.delta)
 
     def set(self, names, tensors) -> None:
         self._t = dict(zip(names, tensors))
