@@ -226,10 +226,24 @@ def demo_cmd(
     out: Path = typer.Option(Path("demo_out"), help="Work directory (re-running reuses finished stages)."),
     quick: bool = typer.Option(False, help="Fewer users and steps (used by the tests)."),
 ):
-    """The whole path on the embedded default (no network): sample data, tiny base, per-user LoRA,
-    augmentation, export, fidelity check and host bench, with a summary table."""
+    """The whole path on the embedded default (no network): the shipped LaMP sample, the real
+    SmolLM2-135M-Instruct (installed package), offline augmentation, per-user LoRA, a base package and one
+    adapter package per user, fidelity check and host bench; then a summary table and the artifact's real
+    answers to held-out queries, base vs personalized. --quick: a tiny random-weight base (tests)."""
     from ..pipeline import demo_config, run_pipeline
 
-    summary = run_pipeline(demo_config(quick=quick), out)
+    cfg = demo_config(quick=quick)
+    summary = run_pipeline(cfg, out)
+    if not quick:
+        from ..data import sample_paths
+        from ..pipeline.answers import artifact_answers, print_answers
+
+        paths = {t.task: sample_paths(t.task) for t in cfg.tasks}
+        rows = artifact_answers(summary, {k: str(v[0]) for k, v in paths.items()},
+                                {k: str(v[1]) for k, v in paths.items()})
+        print_answers(rows)
+        from ..utils import write_json_atomic
+
+        write_json_atomic(Path(out) / "answers.json", rows)
     if summary["failures"]:
         raise typer.Exit(1)

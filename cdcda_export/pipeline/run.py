@@ -245,7 +245,10 @@ def resolve_pipeline_base(cfg: PipelineConfig, out: Path, log: Callable[[str], N
 
     base = out / f"base-{cfg.base_arch}"
     if not (base / "config.json").is_file():
-        log(f"base model: {cfg.base_arch} (random weights, real config) -> {base}")
+        from ..models.gguf import PACKAGED
+
+        kind = "real pretrained weights, installed package" if cfg.base_arch in PACKAGED else "random weights, real config"
+        log(f"base model: {cfg.base_arch} ({kind}) -> {base}")
     return Path(init_model(cfg.base_arch, base)).resolve()
 
 
