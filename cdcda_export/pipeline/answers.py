@@ -25,7 +25,7 @@ def artifact_answers(summary: dict, questions: dict[str, str], outputs: dict[str
         if done >= max_users:
             break
         pkgs = [(name, d["path"]) for name, d in (entry.get("deliverables") or {}).items()
-                if d.get("delivery") == "adapter-package"]
+                if d.get("delivery") in ("package", "adapter-package")]
         if not pkgs:
             continue
         recipe, pkg = pkgs[0]
