@@ -461,6 +461,58 @@ def check_block_size(dec, q) -> None:
                        why="MatMulNBits would pad ragged blocks and the Q8_0 / embedding steps assume whole ones")
 
 
+def _fp16_scales(proto) -> int:
+    """Every MatMulNBits' scales (and float zero points) to float16, in place: the node then computes in fp16
+    (its type T is the scales' type), so its input is cast to fp16 and its output back to float32. A
+    GatherBlockQuantized reading fp16 scales (the tied embedding) gets a Cast after it. Returns the number of
+    MatMulNBits converted. llama.cpp stores its block scales and minimums (Q4_1 d/m, Q8_0 d) in fp16, so a base
+    dequantized from them loses nothing here."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    done = set()
+
+    def to_fp16(name: str) -> None:
+        if name in inits and name not in done and inits[name].data_type == TensorProto.FLOAT:
+            inits[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[name]).astype(np.float16), name))
+            done.add(name)
+
+    n_mm = 0
+    for node in list(g.node):
+        if node.op_type == "MatMulNBits":
+            for k in (2, 3):
+                if len(node.input) > k and node.input[k]:
+                    to_fp16(node.input[k])
+            a, y = node.input[0], node.output[0]
+            node.input[0], node.output[0] = f"{a}__fp16_{node.name}", f"{y}__fp16"
+            idx = list(g.node).index(node)
+            g.node.insert(idx, helper.make_node("Cast", [a], [node.input[0]], name=f"{node.name}_in_fp16",
+                                                to=TensorProto.FLOAT16))
+            g.node.insert(idx + 2, helper.make_node("Cast", [node.output[0]], [y], name=f"{node.name}_out_fp32",
+                                                    to=TensorProto.FLOAT))
+            n_mm += 1
+    for node in list(g.node):
+        if node.op_type == "GatherBlockQuantized" and node.input[2] in done:
+            y = node.output[0]
+            node.output[0] = f"{y}__fp16"
+            idx = list(g.node).index(node)
+            g.node.insert(idx + 1, helper.make_node("Cast", [node.output[0]], [y], name=f"{node.name}_out_fp32",
+                                                    to=TensorProto.FLOAT))
+        elif node.op_type == "GatherBlockQuantized":
+            for k in (2, 3):
+                if len(node.input) > k and node.input[k] in inits and inits[node.input[k]].data_type == TensorProto.FLOAT:
+                    to_fp16(node.input[k])
+                    if k == 2:
+                        y = node.output[0]
+                        node.output[0] = f"{y}__fp16"
+                        idx = list(g.node).index(node)
+                        g.node.insert(idx + 1, helper.make_node("Cast", [node.output[0]], [y],
+                                                                name=f"{node.name}_out_fp32", to=TensorProto.FLOAT))
+    return n_mm
+
+
 def _weight_only(proto, recipe, spec) -> tuple[object, dict]:
     """Weight-only MatMulNBits quantization (ONNX Runtime's ``MatMulNBitsQuantizer``), per linear kind:
     ``quantization.bits`` / ``grid`` for the layers, ``head_bits`` for the lm_head, ``eight_bit`` kinds at
@@ -518,6 +570,8 @@ def _weight_only(proto, recipe, spec) -> tuple[object, dict]:
             quant = mnq.MatMulNBitsQuantizer(proto, algo_config=cfg)
             quant.process()
             proto = quant.model.model
+    if q.scale_dtype == "float16":
+        _fp16_scales(proto)
     by_kind = {}
     for (nbits, g), names in plan.items():
         for name in names:
@@ -525,7 +579,7 @@ def _weight_only(proto, recipe, spec) -> tuple[object, dict]:
     facts = {"bits": bits, "block_size": block, "grid": grid, "head_bits": head_bits,
              "eight_bit": list(q.eight_bit or []), "accuracy_level": acc,
              "linear_kinds": {k: sorted(v) for k, v in sorted(by_kind.items())},
-             "embedding_shares_lm_head": bool(tied)}
+             "embedding_shares_lm_head": bool(tied), "scale_dtype": q.scale_dtype}
     return proto, facts
 
 

@@ -52,6 +52,10 @@ class Quantization:
     grid: str | None = field(default=None, metadata={"choices": (None, "symmetric", "asymmetric", "min-scale")})
     head_bits: int | None = None           # lm_head (and a tied embedding reading it); None: same as bits
     eight_bit: list[str] = field(default_factory=list)   # linear kinds kept at int8 (mixed precision): down_proj
+    # Precision of ONNX MatMulNBits block scales / float minimums: float32, or float16 (what llama.cpp's Q4_1 /
+    # Q8_0 blocks store: lossless for a base dequantized from them, 1.5 bits per weight less at block 32;
+    # those matmuls then take fp16 activations, with a Cast on each side)
+    scale_dtype: str = field(default="float32", metadata={"choices": ("float32", "float16")})
 
     def __post_init__(self):
         if self.head_bits is not None and self.head_bits not in (4, 8):
