@@ -94,14 +94,25 @@ def train_cmd(
                      "then the answer and the end-of-turn token; plain: the LaMP prompt + '\\nAnswer: '. auto: "
                      "chat when the base's tokenizer has a chat template (random-weight init-model bases: plain). "
                      "Recorded in training.json; eval, export and check follow it."),
+    device: str = typer.Option(
+        _HP.device, help="auto | cpu | cuda | mps. auto: cuda when torch sees a GPU, else mps (Apple silicon), "
+                         "else cpu. A device this machine lacks is an error naming what is available. The adapter "
+                         "is saved in fp32 from the CPU whatever the device; training.json records the device, "
+                         "precision, torch and CUDA versions."),
+    precision: str = typer.Option(
+        _HP.precision, help="auto | fp32 | bf16 | fp16 (autocast of the forward; LoRA weights and optimizer stay "
+                            "fp32). auto: bf16 on a CUDA GPU with bf16, fp16 + loss scaling on other CUDA GPUs, fp32 "
+                            "on cpu and mps. On cpu in fp32 the adapter bytes are exactly those of earlier versions; "
+                            "GPU results match CPU within the tolerance in the README."),
 ):
-    """Fine-tune one peft LoRA adapter per user on their profile (+ synthetic) data."""
+    """Fine-tune one peft LoRA adapter per user on their profile (+ synthetic) data, on the CPU or a GPU."""
     from ..train import train_users
 
     results = train_users(base=base, task=task, questions=questions, outputs=outputs, out=out, users=_csv(users),
                           synthetic=synthetic, synthetic_ratio=synthetic_ratio, rank=rank, alpha=alpha,
                           target_modules=_csv(target_modules), epochs=epochs, max_steps=max_steps, lr=lr,
-                          seed=seed, holdout=holdout, force=force, prompt_format=prompt_format)
+                          seed=seed, holdout=holdout, force=force, prompt_format=prompt_format, device=device,
+                          precision=precision)
     from rich.console import Console
     from rich.table import Table
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import apply_overrides, build, load_yaml, to_dict
+from ..train.device import DEVICES, PRECISIONS
 from ..train.train import Hyper
 
 DELIVERIES = ("auto", "package", "merged")
@@ -49,10 +50,19 @@ class TrainSettings:
     synthetic_ratio: float = Hyper.synthetic_ratio
     # auto: the base's chat template when it has one and is pretrained (train.format); chat | plain
     prompt_format: str = field(default=Hyper.prompt_format, metadata={"choices": ("auto", "chat", "plain")})
+    # where each worker trains (resolved in the worker: auto = its GPU if it sees one) and the autocast precision
+    device: str = field(default=Hyper.device, metadata={"choices": DEVICES})
+    precision: str = field(default=Hyper.precision, metadata={"choices": PRECISIONS})
+    # Ray: GPUs each training task declares when device is cuda (or auto on a cluster with GPUs); 0.25 = four
+    # users share a GPU. Scheduling only: not part of the train stage's fingerprint
+    gpus_per_task: float = 0.25
 
     def __post_init__(self):
         if self.max_steps is not None and self.max_steps < 0:
             self.max_steps = None   # the old pipeline's "-1: use epochs"
+        if not (self.gpus_per_task > 0 and (self.gpus_per_task <= 1 or float(self.gpus_per_task).is_integer())):
+            raise ValueError(f"train.gpus_per_task {self.gpus_per_task}: expected a fraction in (0, 1] "
+                             "(GPUs a training task holds) or a whole number of GPUs")
 
 
 @dataclass

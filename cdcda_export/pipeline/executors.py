@@ -134,7 +134,8 @@ def _ray_run_job(job: Job) -> dict:
 
 
 class RayExecutor:
-    """Each job is a Ray task declaring ``num_cpus`` and ``memory``, with ``max_retries`` (worker or node
+    """Each job is a Ray task declaring ``num_cpus`` and ``memory`` (training tasks also ``num_gpus``, see
+    :func:`train_num_gpus`), with ``max_retries`` (worker or node
     died) and ``retry_exceptions=[TransientError]`` (errors worth retrying; the rest come back as values).
     ``address``: ``auto`` (a running cluster), ``local`` (start one on this machine), ``ray://host:10001``
     (Ray client). An already initialised Ray (``ray.init`` by the caller) is used as it is. Workers must see
@@ -144,7 +145,7 @@ class RayExecutor:
     driver_retries = False    # Ray retries
 
     def __init__(self, address: str, *, memory: int, max_retries: int, num_cpus: float = 1.0,
-                 threads: int = 1):
+                 threads: int = 1, train_device: str = "auto", gpus_per_task: float = 0.25):
         try:
             import ray
         except ImportError:
@@ -161,30 +162,52 @@ class RayExecutor:
             ray.init(address=address, **kwargs)
             self._started = True
         self.memory, self.max_retries, self.num_cpus = int(memory), int(max_retries), num_cpus
-        self._remote = ray.remote(_ray_run_job).options(
-            num_cpus=num_cpus, memory=self.memory, max_retries=self.max_retries,
-            retry_exceptions=[TransientError])
+        opts = dict(num_cpus=num_cpus, memory=self.memory, max_retries=self.max_retries,
+                    retry_exceptions=[TransientError])
+        self._remote = ray.remote(_ray_run_job).options(**opts)
+        self.train_gpus = train_num_gpus(train_device, gpus_per_task, ray.cluster_resources().get("GPU", 0))
+        # Ray hides the GPUs from a task that declares none (CUDA_VISIBLE_DEVICES=""): only training asks
+        self._remote_train = (ray.remote(_ray_run_job).options(**opts, num_gpus=self.train_gpus)
+                              if self.train_gpus else self._remote)
 
     def submit(self, job: Job) -> cf.Future:
-        return self._remote.remote(job).future()
+        return (self._remote_train if job.stage == "train" else self._remote).remote(job).future()
 
     def restart(self) -> None:   # Ray replaces dead workers itself
         pass
 
     def describe(self) -> str:
         res = self.ray.cluster_resources()
-        return (f"Ray: {res.get('CPU', 0):g} CPUs, {res.get('memory', 0) / GIB:.1f} GiB in the cluster; each task "
-                f"num_cpus={self.num_cpus:g}, memory={self.memory / GIB:.2f} GiB, max_retries={self.max_retries}")
+        return (f"Ray: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs, {res.get('memory', 0) / GIB:.1f} GiB "
+                f"in the cluster; each task num_cpus={self.num_cpus:g}, memory={self.memory / GIB:.2f} GiB, "
+                f"max_retries={self.max_retries}; training tasks num_gpus={self.train_gpus:g}")
 
     def shutdown(self) -> None:
         if self._started:
             self.ray.shutdown()
 
 
+def train_num_gpus(device: str, gpus_per_task: float, cluster_gpus: float) -> float:
+    """``num_gpus`` a Ray training task declares: ``gpus_per_task`` when ``train.device`` is cuda, or auto on a
+    cluster that has GPUs; else 0 (cpu, mps, or auto on a CPU-only cluster). cuda on a cluster without GPUs
+    is a UserError here rather than tasks Ray can never schedule."""
+    if device == "cuda":
+        if cluster_gpus <= 0:
+            raise UserError("train.device cuda, but the Ray cluster has no GPUs", field="train.device",
+                            expected="a cluster with GPU nodes, or train.device auto | cpu")
+        return float(gpus_per_task)
+    if device == "auto" and cluster_gpus > 0:
+        return float(gpus_per_task)
+    return 0.0
+
+
 def make_executor(kind: str, *, base: str | Path, address: str | None = None, workers: int | None = None,
-                  max_retries: int = 2):
+                  max_retries: int = 2, train=None):
+    """``train``: the pipeline's TrainSettings (device, gpus_per_task), for the Ray training tasks' ``num_gpus``."""
     if kind == "local":
         return LocalExecutor(local_pool_size(base, workers))
     if kind == "ray":
-        return RayExecutor(address or "auto", memory=worker_memory(base), max_retries=max_retries)
+        return RayExecutor(address or "auto", memory=worker_memory(base), max_retries=max_retries,
+                           train_device=getattr(train, "device", "auto"),
+                           gpus_per_task=getattr(train, "gpus_per_task", 0.25))
     raise UserError(f"executor {kind!r}", field="--executor", expected="local or ray")

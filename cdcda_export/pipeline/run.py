@@ -194,7 +194,8 @@ class Planner:
             if c.augment.enabled:
                 a = self.upstream(u, "augment", results)
                 syn = a["synthetic_sha256"]
-            inputs = {"data": u.data_sha, "others": u.others_sha, "base": self.base_sha, "train": asdict(t),
+            trained_by = {k: v for k, v in asdict(t).items() if k != "gpus_per_task"}   # scheduling only
+            inputs = {"data": u.data_sha, "others": u.others_sha, "base": self.base_sha, "train": trained_by,
                       "synthetic": syn}
             params = {**data, "base": str(self.base), "train": asdict(t),
                       "synthetic": str(u.out("augment")) if syn else None}
@@ -397,7 +398,7 @@ def run_pipeline(cfg: PipelineConfig, out: Path, *, executor: str = "local", add
             try:
                 # the executor starts lazily: a rerun with nothing to do starts no worker
                 driver.ex = _LazyExecutor(lambda: make_executor(executor, base=base, address=address, workers=workers,
-                                                                max_retries=max_retries), log)
+                                                                max_retries=max_retries, train=cfg.train), log)
                 driver.run()
             finally:
                 ex = driver.ex

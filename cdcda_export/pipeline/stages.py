@@ -154,7 +154,8 @@ def stage_train(job: Job) -> dict:
                           synthetic_ratio=t["synthetic_ratio"], rank=t["rank"], alpha=t["alpha"], epochs=t["epochs"],
                           max_steps=t["max_steps"], lr=t["lr"], seed=t["seed"], holdout=t["holdout"],
                           batch_size=t["batch_size"], prompt_format=t["prompt_format"], progress=False,
-                          threads=p.get("threads"))[0]
+                          threads=p.get("threads"), device=t.get("device", "auto"),
+                          precision=t.get("precision", "auto"))[0]
         if res.status == "skipped":
             result = {"skipped": res.reason}
         else:

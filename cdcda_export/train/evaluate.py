@@ -34,12 +34,13 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
                            pad_token_id=pad, temperature=None, top_p=None, top_k=None)
     was_training = model.training
     model.eval()
+    dev = next(model.parameters()).device   # prompts go where the model is (a GPU after `cdcda train --device`)
     out: list[str] = []
     try:
         with torch.no_grad():
             for text in tqdm(prompts, desc=desc, disable=not progress, leave=False):
                 ids = encode_prompt(tokenizer, text, max(1, limit - max_new_tokens))
-                x = torch.tensor([ids], dtype=torch.long)
+                x = torch.tensor([ids], dtype=torch.long, device=dev)
                 y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen)
                 out.append(tokenizer.decode(y[0, len(ids):].tolist(), skip_special_tokens=True))
     finally:

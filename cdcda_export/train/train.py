@@ -55,6 +55,8 @@ class Hyper:
     synthetic_ratio: float = 1.0
     retrieve_k: int = RETRIEVE_K
     prompt_format: str = "auto"   # auto | chat | plain; training.json records the resolved one
+    device: str = "auto"          # auto | cpu | cuda | mps (train.device); training.json's "device" block: resolved
+    precision: str = "auto"       # auto | fp32 | bf16 | fp16 (autocast; auto: bf16/fp16 on CUDA, else fp32)
 
     def check(self) -> None:
         problems = []
@@ -78,6 +80,12 @@ class Hyper:
             problems.append(f"--synthetic-ratio {self.synthetic_ratio}: expected >= 0 (synthetic per real example)")
         if self.prompt_format not in PROMPT_FORMATS:
             problems.append(f"--prompt-format {self.prompt_format}: expected one of {', '.join(PROMPT_FORMATS)}")
+        from .device import DEVICES, PRECISIONS
+
+        if self.device not in DEVICES:
+            problems.append(f"--device {self.device}: expected one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
         if self.max_seq_len < 16:
             problems.append(f"--max-seq-len {self.max_seq_len}: expected >= 16")
         if problems:
@@ -223,7 +231,7 @@ def hyper_from_training(adapter_dir: str | Path) -> Hyper:
         meta = json.loads(tj.read_text(encoding="utf-8"))
         recorded = meta.get("hyperparameters") or {}
         for k in asdict(hp):
-            if k in recorded:
+            if k in recorded and k not in ("device", "precision"):   # where it trained, not how to rebuild it
                 setattr(hp, k, recorded[k])
         from .format import recorded_prompt_format
 
@@ -277,12 +285,25 @@ def _eval_metrics(task, model, tok, data: UserData, hp: Hyper, eos: list[int]) -
 
 
 def train_one(base_model, tok, task, data: UserData, hp: Hyper, target_modules: list[str],
-              progress: bool = True, desc: str = "train", fmt: PromptFormat = PLAIN):
+              progress: bool = True, desc: str = "train", fmt: PromptFormat = PLAIN, placement=None,
+              timing: dict | None = None):
     """Train a LoRA adapter on ``data`` (texts in format ``fmt``); returns (peft model, loss curve,
-    metrics before, after). A chat example ends with the template's end-of-turn token."""
+    metrics before, after). A chat example ends with the template's end-of-turn token.
+
+    ``placement`` (:func:`.device.resolve_placement`; default: CPU, fp32): ``base_model`` must already be on
+    its device; batches go there and the forward runs under its autocast (fp16: with a GradScaler). The
+    LoRA weights are created on the CPU from the seed (peft moves them to the base's device), so every
+    device starts from the same adapter; they and the optimizer state stay fp32. Evaluation is fp32.
+    ``timing``: a dict to fill with ``eval_before_s``, ``step_s`` (wall seconds of each optimizer step, the
+    loss read back included, so a GPU step is complete) and ``eval_after_s``."""
     import torch
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
+
+    from .device import resolve_placement
+
+    placement = placement or resolve_placement("cpu", "fp32")
+    dev = placement.device
 
     eos = eos_token_ids(tok, base_model.generation_config)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
@@ -292,7 +313,11 @@ def train_one(base_model, tok, task, data: UserData, hp: Hyper, target_modules: 
         eos = eos if end in eos else [*eos, end]   # generation stops where training ended the answer
     limit = min(hp.max_seq_len, int(getattr(base_model.config, "max_position_embeddings", 0) or hp.max_seq_len))
     examples = [encode_example(tok, p, a, end, limit) for p, a, _ in data.train]
+    timing = {} if timing is None else timing
+    t0 = time.perf_counter()
     before = _eval_metrics(task, base_model, tok, data, hp, eos)
+    timing["eval_before_s"] = round(time.perf_counter() - t0, 4)
+    step_s: list[float] = timing.setdefault("step_s", [])
 
     torch.manual_seed(hp.seed)  # LoRA A init and dropout masks
     cfg = LoraConfig(r=hp.rank, lora_alpha=hp.alpha, lora_dropout=hp.dropout, target_modules=target_modules,
@@ -304,20 +329,35 @@ def train_one(base_model, tok, task, data: UserData, hp: Hyper, target_modules: 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / steps))
     batches = _batches(len(examples), hp.batch_size, random.Random(f"{hp.seed}:{desc}:order"), steps)
     losses: list[float] = []
+    scaler = placement.scaler()
     model.train()
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
     for idx in bar:
+        t0 = time.perf_counter()
         ids, mask, labels = _collate([examples[i] for i in idx], pad)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
-        opt.step()
+        if dev != "cpu":
+            ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
+        with placement.autocast():
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
+            opt.step()
+        else:   # fp16: scale the loss, unscale before clipping, skip steps with inf/nan gradients
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(float(loss.detach()))   # reads the loss back: on a GPU, the step has finished
+        step_s.append(round(time.perf_counter() - t0, 4))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
+    t0 = time.perf_counter()
     after = _eval_metrics(task, model, tok, data, hp, eos)
+    timing["eval_after_s"] = round(time.perf_counter() - t0, 4)
     return model, losses, before, after
 
 
@@ -364,7 +404,8 @@ def train_users(base: Path, task: str, questions: Path, outputs: Path | None, ou
                 holdout: float = Hyper.holdout, force: bool = False, progress: bool = True, *,
                 batch_size: int = Hyper.batch_size, dropout: float = Hyper.dropout,
                 max_seq_len: int = Hyper.max_seq_len, threads: int | None = None,
-                prompt_format: str = Hyper.prompt_format) -> list[UserTrainResult]:
+                prompt_format: str = Hyper.prompt_format, device: str = Hyper.device,
+                precision: str = Hyper.precision) -> list[UserTrainResult]:
     """Train one LoRA adapter per user into ``out/<user>/``; returns one result per selected user.
 
     ``synthetic``: a ``cdcda augment`` output (``DIR/<user>/*.jsonl``); ``synthetic_ratio`` is the
@@ -373,7 +414,8 @@ def train_users(base: Path, task: str, questions: Path, outputs: Path | None, ou
     overrides ``epochs`` (None or negative: use ``epochs``). ``prompt_format``: auto | chat | plain
     (``train.format``; auto = the base's chat template when it has one and is pretrained), recorded resolved
     in training.json. ``threads``: torch intra-op threads (None: 1 for small models, see
-    ``modeling.torch_threads``). Users already done are skipped (``status="exists"``) unless ``force``;
+    ``modeling.torch_threads``). ``device``: auto | cpu | cuda | mps and ``precision``: auto | fp32 | bf16 |
+    fp16 (:mod:`.device`; an unavailable device is a UserError before any work). Users already done are skipped (``status="exists"``) unless ``force``;
     users with an empty profile are skipped with a reason. Same ``seed`` -> same adapter bytes.
     """
     from tqdm.auto import tqdm
@@ -385,8 +427,12 @@ def train_users(base: Path, task: str, questions: Path, outputs: Path | None, ou
         max_steps = None  # the CLI's "-1: use --epochs"
     hp = Hyper(rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules, epochs=epochs,
                max_steps=max_steps, lr=lr, batch_size=batch_size, max_seq_len=max_seq_len, seed=seed,
-               holdout=holdout, synthetic_ratio=synthetic_ratio, prompt_format=prompt_format)
+               holdout=holdout, synthetic_ratio=synthetic_ratio, prompt_format=prompt_format, device=device,
+               precision=precision)
     hp.check()
+    from .device import resolve_placement
+
+    placement = resolve_placement(hp.device, hp.precision)
     base = check_base_dir(base)   # a .gguf base becomes its cached HF directory
     if synthetic is not None and not Path(synthetic).is_dir():
         raise UserError("synthetic data directory not found", file=str(synthetic), field="--synthetic",
@@ -425,6 +471,8 @@ def train_users(base: Path, task: str, questions: Path, outputs: Path | None, ou
         return results
 
     base_model, tok = load_base(base)
+    if placement.device != "cpu":
+        base_model.to(placement.device)   # once; each user trains on a deep copy made on the device
     fmt = resolve_prompt_format(tok, hp.prompt_format, base)
     hp.prompt_format = fmt.kind
     targets = resolve_target_modules(base_model, target_modules)
@@ -433,7 +481,7 @@ def train_users(base: Path, task: str, questions: Path, outputs: Path | None, ou
     with torch_threads(base_model, threads):
         for u in tqdm(todo, desc=f"users {spec.name}", disable=not progress):
             results.append(_train_user(u, flat, spec, base_model, tok, hp, targets, out, base_info, synthetic,
-                                       progress, fmt))
+                                       progress, fmt, placement))
     order = {u.id: i for i, u in enumerate(selected)}
     results.sort(key=lambda r: order[r.user_id])
     _update_report(out, spec.name, base_info, [r for r in results if r.status == "exists"])
@@ -441,7 +489,7 @@ def train_users(base: Path, task: str, questions: Path, outputs: Path | None, ou
 
 
 def _train_user(u, flat, spec, base_model, tok, hp: Hyper, targets: list[str], out: Path, base_info: dict,
-                synthetic: Path | None, progress: bool, fmt: PromptFormat = PLAIN) -> UserTrainResult:
+                synthetic: Path | None, progress: bool, fmt: PromptFormat = PLAIN, placement=None) -> UserTrainResult:
     import copy
 
     t0 = time.time()
@@ -453,8 +501,12 @@ def _train_user(u, flat, spec, base_model, tok, hp: Hyper, targets: list[str], o
         _update_report(out, spec.name, base_info, [res])
         return res
     _clean_partials(out, u.id)
+    timing: dict = {}
     model, losses, before, after = train_one(copy.deepcopy(base_model), tok, spec, data, hp, targets,
-                                             progress=progress, desc=u.id, fmt=fmt)
+                                             progress=progress, desc=u.id, fmt=fmt, placement=placement,
+                                             timing=timing)
+    if placement is not None and placement.device != "cpu":
+        model.to("cpu")   # the adapter is saved from fp32 CPU tensors, as CPU training saves it
     udir = out / u.id
     with atomic_dir(udir, overwrite=True) as tmp:
         _save_adapter(model, tmp)
@@ -467,6 +519,8 @@ def _train_user(u, flat, spec, base_model, tok, hp: Hyper, targets: list[str], o
                                     answer_prefix=ANSWER_PREFIX if fmt.kind == "plain" else None,
                                     optimizer="AdamW", schedule="linear decay to 0", loss="answer tokens + eos"),
             "loss_curve": losses,
+            "device": (placement.record() if placement is not None else None),
+            "timing": timing,
             "eval": {"primary_metric": spec.primary_metric, "higher_is_better": spec.higher_is_better,
                      "n_heldout": len(data.heldout), "query": data.query is not None,
                      "before": before, "after": after},
