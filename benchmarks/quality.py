@@ -156,7 +156,7 @@ def artifact_logits(art: Path, seqs) -> list:
 def ours(base, adapter, recipe: str, work: Path, seqs):
     from cdcda_export.export.api import export
 
-    art = export(base, adapter, recipe, work / recipe.replace("/", "-"), progress=False)
+    art = export(base, adapter, recipe, work / recipe.replace("/", "-"), progress=False, overwrite=True)
     logits = artifact_logits(art, seqs)
     man = json.loads((art / "manifest.json").read_text())
     model_files = [art / n for n in man["files"] if n.startswith("model")]
@@ -166,7 +166,7 @@ def ours(base, adapter, recipe: str, work: Path, seqs):
 def genai_builder(base, adapter, acc: int, work: Path, seqs):
     from cdcda_export.export.api import export
 
-    art = export(base, adapter, "onnx/int4", work / f"ortgenai-int4-acc{acc}", progress=False,
+    art = export(base, adapter, "onnx/int4", work / f"ortgenai-int4-acc{acc}", progress=False, overwrite=True,
                  overrides=["onnx.engine=genai-builder", f"onnx.accuracy_level={acc}"])
     return artifact_logits(art, seqs), files_bytes([p for p in art.iterdir() if p.name.startswith("model")])
 

@@ -101,6 +101,9 @@ def onnx_residual_tensors(graph) -> list[str]:
             break
     if start is None:
         return []
+    cs = consumers.get(start, [])
+    if len(cs) == 1 and cs[0].op_type == "Cast":   # a table with fp16 scales (quantization.scale_dtype): cast back
+        start = cs[0].output[0]
     chain = [start]
     h = start
     seen = {h}

@@ -56,6 +56,10 @@ class Quantization:
     # Q8_0 blocks store: lossless for a base dequantized from them, 1.5 bits per weight less at block 32;
     # those matmuls then take fp16 activations, with a Cast on each side)
     scale_dtype: str = field(default="float32", metadata={"choices": ("float32", "float16")})
+    # ONNX 8-bit symmetric blocks: search each block's scale (Q8_0's max|w|/127 or a step of the block's own
+    # Q4_1-like grid, least squared error) instead of Q8_0's rule alone. Helps float compute (onnx/int8); with
+    # int8 compute (accuracy_level 4) the activations' rounding dominates and it measured worse
+    scale_search: bool = False
 
     def __post_init__(self):
         if self.head_bits is not None and self.head_bits not in (4, 8):
