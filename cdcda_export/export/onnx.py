@@ -567,7 +567,7 @@ def _weight_only(proto, recipe, spec) -> tuple[object, dict]:
     plan: dict[tuple[int, str], list[str]] = {}
     for name, kind in kinds.items():
         if kind == "lm_head":
-            key = (head_bits, "symmetric" if head_bits == 8 else grid)
+            key = (head_bits, q.head_grid or ("symmetric" if head_bits == 8 else grid))
         elif kind in (q.eight_bit or []):
             key = (8, "symmetric")
         else:
@@ -610,7 +610,7 @@ def _weight_only(proto, recipe, spec) -> tuple[object, dict]:
     for (nbits, g), names in plan.items():
         for name in names:
             by_kind.setdefault(kinds[name], set()).add(f"int{nbits} {g}")
-    facts = {"bits": bits, "block_size": block, "grid": grid, "head_bits": head_bits,
+    facts = {"bits": bits, "block_size": block, "grid": grid, "head_bits": head_bits, "head_grid": q.head_grid,
              "eight_bit": list(q.eight_bit or []), "accuracy_level": acc,
              "linear_kinds": {k: sorted(v) for k, v in sorted(by_kind.items())},
              "embedding_shares_lm_head": bool(tied), "scale_dtype": q.scale_dtype, "scale_search": q.scale_search}

@@ -51,6 +51,9 @@ class Quantization:
     # Q4_1 with the same block is reproduced exactly). None: symmetric.
     grid: str | None = field(default=None, metadata={"choices": (None, "symmetric", "asymmetric", "min-scale")})
     head_bits: int | None = None           # lm_head (and a tied embedding reading it); None: same as bits
+    # grid of the lm_head: None = symmetric at 8 bit, the layers' grid at 4 bit; "symmetric" lets a tied
+    # embedding read a 4-bit head (GatherBlockQuantized takes no float zero points)
+    head_grid: str | None = field(default=None, metadata={"choices": (None, "symmetric", "asymmetric", "min-scale")})
     eight_bit: list[str] = field(default_factory=list)   # linear kinds kept at int8 (mixed precision): down_proj
     # Precision of ONNX MatMulNBits block scales / float minimums: float32, or float16 (what llama.cpp's Q4_1 /
     # Q8_0 blocks store: lossless for a base dequantized from them, 1.5 bits per weight less at block 32;
