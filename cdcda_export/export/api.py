@@ -140,6 +140,21 @@ def load_merged_model(base: str | Path, adapter: str | Path | None = None):
     return model
 
 
+def base_mismatch(adapter: Path, base_sha: str, allow: bool, hint: str) -> str | None:
+    """None when ``adapter``'s training.json names the base ``base_sha`` (or names none); else the problem, which
+    is a UserError with ``hint`` unless ``allow`` (then the caller records it)."""
+    from ..train.modeling import check_adapter_provenance
+
+    try:
+        check_adapter_provenance(adapter, base_sha)
+        return None
+    except UserError as e:
+        problem = str(e).split("\n  next:")[0]
+        if not allow:
+            raise UserError(problem, hint=hint) from None
+        return problem
+
+
 def adapter_provenance(adapter: Path | None) -> tuple[str | None, str | None]:
     """(user_id, task) from the adapter's ``training.json``; user_id falls back to the folder name."""
     if adapter is None:
@@ -251,16 +266,9 @@ def export(base: str | Path, adapter: str | Path | None, recipe: str | Path | Re
     adapter_sha = sha256_dir(adapter) if adapter is not None else None
     mismatch = None
     if adapter is not None:
-        from ..train.modeling import check_adapter_provenance
-
-        try:
-            check_adapter_provenance(adapter, base_sha)
-        except UserError as e:
-            if not allow_base_mismatch:
-                raise UserError(str(e).split("\n  next:")[0],
-                                hint="pass the --base the adapter was trained on, or --allow-base-mismatch to "
-                                     "export anyway (recorded in the manifest)") from None
-            mismatch = str(e).split("\n  next:")[0]
+        mismatch = base_mismatch(adapter, base_sha, allow_base_mismatch,
+                                 "pass the --base the adapter was trained on, or --allow-base-mismatch to export "
+                                 "anyway (recorded in the manifest)")
     if lora is not None and adapter is not None:
         raise UserError("a base package is built without an adapter (users' adapters become adapter packages)",
                         field="--adapter", hint="build the base package first, then `cdcda export --adapter-only`")

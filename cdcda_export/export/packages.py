@@ -90,22 +90,16 @@ def read_base_package(pkg: Path) -> dict:
 def adapter_package(base_pkg: str | Path, adapter: str | Path, out: str | Path, *, overwrite: bool = False,
                     allow_base_mismatch: bool = False) -> Path:
     """Write one user's adapter package for ``base_pkg`` into ``out`` (atomic); returns ``out``."""
-    from ..train.modeling import check_adapter_dir, check_adapter_provenance
-    from .api import adapter_provenance
+    from ..train.modeling import check_adapter_dir
+    from .api import adapter_provenance, base_mismatch
 
     t0 = time.perf_counter()
     base_pkg, adapter, out = Path(base_pkg), Path(adapter), Path(out)
     bm = read_base_package(base_pkg)
     check_adapter_dir(adapter)
-    mismatch = None
-    try:
-        check_adapter_provenance(adapter, bm["base_model"]["sha256"])
-    except UserError as e:
-        if not allow_base_mismatch:
-            raise UserError(str(e).split("\n  next:")[0],
-                            hint="use a base package built from the base the adapter was trained on, or pass "
-                                 "--allow-base-mismatch (recorded in the adapter manifest)") from None
-        mismatch = str(e).split("\n  next:")[0]
+    mismatch = base_mismatch(adapter, bm["base_model"]["sha256"], allow_base_mismatch,
+                             "use a base package built from the base the adapter was trained on, or pass "
+                             "--allow-base-mismatch (recorded in the adapter manifest)")
     from .decoder import DecoderSpec
 
     io = bm["io"].get("decoder") or bm["io"]   # Core ML keeps the decoder's shape facts under io.decoder
