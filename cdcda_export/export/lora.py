@@ -192,10 +192,6 @@ def example_tensors(layout: LoraLayout, spec, seed: int = 0, dtype: str | None =
     return [(torch.randn(*shape, generator=g) * 0.01).to(dt) for shape in layout.shapes(spec).values()]
 
 
-def zero_tensors(layout: LoraLayout, spec) -> dict[str, np.ndarray]:
-    return {n: np.zeros(s, dtype=DTYPES[layout.dtype]) for n, s in layout.shapes(spec).items()}
-
-
 # ----------------------------------------------------------------------------- the adapter side (numpy)
 
 
@@ -224,9 +220,11 @@ def lora_scale(cfg: dict) -> float:
     return alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
 
 
-def adapter_tensors(adapter: Path, layout: LoraLayout, spec) -> tuple[dict[str, np.ndarray], dict]:
+def adapter_tensors(adapter: Path, layout: LoraLayout, shapes: dict[str, tuple[int, int]]
+                    ) -> tuple[dict[str, np.ndarray], dict]:
     """A peft adapter as the base package's LoRA inputs: ``{name: array}`` (A^T [in, r], scale * B^T [r, out],
-    zero-padded to the layout's rank, in ``layout.dtype``) plus facts for the adapter manifest. Refuses an
+    zero-padded to the layout's rank, in ``layout.dtype``) plus facts for the adapter manifest. ``shapes``: the
+    base package's LoRA inputs (:func:`cdcda_export.runtime.adapters.lora_input_shapes`). Refuses an
     adapter that does not fit the layout (larger rank, targets the base package does not take, other shapes,
     a DoRA / bias / rank-pattern adapter whose delta is not A @ B)."""
     from safetensors import safe_open
@@ -247,7 +245,6 @@ def adapter_tensors(adapter: Path, layout: LoraLayout, spec) -> tuple[dict[str, 
                         field="r", expected=f"<= {layout.rank}",
                         hint=f"build a base package with --lora-rank {rank} (or larger)")
     scale = lora_scale(cfg)
-    shapes = layout.shapes(spec)
     dt = DTYPES[layout.dtype]
     out = {n: np.zeros(s, dtype=np.float32) for n, s in shapes.items()}
     seen: set[str] = set()
@@ -286,5 +283,5 @@ def adapter_tensors(adapter: Path, layout: LoraLayout, spec) -> tuple[dict[str, 
     return {n: v.astype(dt) for n, v in out.items()}, facts
 
 
-__all__ = ["LoraLayout", "ALL_TARGETS", "attach", "adapter_tensors", "example_tensors", "zero_tensors",
+__all__ = ["LoraLayout", "ALL_TARGETS", "attach", "adapter_tensors", "example_tensors",
            "input_name", "lora_scale"]

@@ -11,7 +11,8 @@
 Adapter file per format:
 
 * ``onnx``: ``adapter.onnx_adapter`` written with ``onnxruntime.AdapterFormat``, loaded by
-  ``onnxruntime.LoraAdapter`` + ``RunOptions.add_active_adapter`` or ORT GenAI's ``og.Adapters``.
+  ORT GenAI's ``og.Adapters`` (or ``onnxruntime.LoraAdapter``; our runner binds the tensors itself, see
+  ``runtime/onnx.py``).
 * ``executorch`` / ``coreml``: ``adapter.safetensors`` (the same named tensors). Both base packages take
   the LoRA weights as method / model inputs (LoRA-as-inputs); see the README section on adapter packages
   for why, and for ExecuTorch's program-data separation, which we do not use yet.
@@ -31,7 +32,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..utils import atomic_dir, now_iso, sha256_dir, versions, write_json_atomic
 from .lora import LoraLayout, adapter_tensors
-from ..runtime.adapters import package_sha256, read_adapter_package, read_json  # noqa: F401 (re-exported)
+from ..runtime.adapters import lora_input_shapes, package_sha256, read_adapter_package, read_json  # noqa: F401
 from .manifest import MANIFEST, file_table
 
 ADAPTER_FILES = {"onnx": "adapter.onnx_adapter", "executorch": "adapter.safetensors",
@@ -100,17 +101,9 @@ def adapter_package(base_pkg: str | Path, adapter: str | Path, out: str | Path, 
     mismatch = base_mismatch(adapter, bm["base_model"]["sha256"], allow_base_mismatch,
                              "use a base package built from the base the adapter was trained on, or pass "
                              "--allow-base-mismatch (recorded in the adapter manifest)")
-    from .decoder import DecoderSpec
-
-    io = bm["io"].get("decoder") or bm["io"]   # Core ML keeps the decoder's shape facts under io.decoder
-    spec = DecoderSpec(family=io.get("family", "llama"), vocab_size=int(io["vocab_size"]),
-                       hidden_size=int(io["hidden_size"]), num_layers=int(io["num_layers"]),
-                       num_heads=int(io["num_heads"]), num_kv_heads=int(io["num_kv_heads"]),
-                       head_dim=int(io["head_dim"]), rotary_dim=int(io["head_dim"]),
-                       intermediate_size=int(bm["lora"].get("intermediate_size") or io.get("intermediate_size")),
-                       rms_norm_eps=0.0, tie_word_embeddings=False, rope_type="", max_seq_len=int(io["max_seq_len"]))
     layout = LoraLayout.from_dict(bm["lora"])
-    tensors, facts = adapter_tensors(adapter, layout, spec)
+    shape_io = bm["io"].get("decoder") or bm["io"]   # Core ML keeps the decoder's shape facts under io.decoder
+    tensors, facts = adapter_tensors(adapter, layout, lora_input_shapes(shape_io, bm["lora"]))
     if bm["io"].get("lora", {}).get("rank_dim", "").startswith("dynamic") and facts["rank"] < layout.rank:
         # the graph takes any rank: ship the adapter's own rank, not zero padding
         r = facts["rank"]
@@ -119,25 +112,25 @@ def adapter_package(base_pkg: str | Path, adapter: str | Path, out: str | Path, 
     user_id, task = adapter_provenance(adapter)
     fmt = bm["format"]
     name = ADAPTER_FILES[fmt]
+    base_sha = package_sha256(bm)
     if out.exists() and not overwrite:
         old = out / MANIFEST
         if old.is_file():
             m = read_json(old, "an adapter package")
             if (m.get("adapter") or {}).get("sha256") == adapter_sha and \
-                    (m.get("base_package") or {}).get("sha256") == package_sha256(bm):
+                    (m.get("base_package") or {}).get("sha256") == base_sha:
                 return out
         raise UserError("output directory already exists (from other inputs)", file=str(out),
                         hint="pass --force to replace it, or choose another --out")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         _write_adapter_file(fmt, tensors, tmp / name)
-        for extra in ("training.json",):
-            if (adapter / extra).is_file():
-                (tmp / extra).write_bytes((adapter / extra).read_bytes())
+        if (adapter / "training.json").is_file():
+            (tmp / "training.json").write_bytes((adapter / "training.json").read_bytes())
         manifest = {
             "format": fmt,
             "delivery": "adapter-package",
             "adapter_file": name,
-            "base_package": {"sha256": package_sha256(bm), "recipe": bm["recipe"]["name"], "format": fmt,
+            "base_package": {"sha256": base_sha, "recipe": bm["recipe"]["name"], "format": fmt,
                              "source": str(base_pkg.resolve()), "base_model_sha256": bm["base_model"]["sha256"]},
             "adapter": {"source": str(adapter.resolve()), "sha256": adapter_sha, **facts,
                         **({"base_mismatch": mismatch} if mismatch else {})},
@@ -153,4 +146,4 @@ def adapter_package(base_pkg: str | Path, adapter: str | Path, out: str | Path, 
 
 
 __all__ = ["base_package", "adapter_package", "read_adapter_package", "read_base_package", "package_sha256",
-           "load_adapter_tensors", "ADAPTER_FILES"]
+           "ADAPTER_FILES"]
