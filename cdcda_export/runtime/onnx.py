@@ -21,20 +21,21 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64
        "tensor(int32)": np.int32}
 
 
-def _widen_lora_inputs(proto, names: set) -> type:
+def _widen_lora_inputs(proto, names: set) -> None:
     """fp16 LoRA inputs -> float32 inputs, in memory: each ``Cast(to=float)`` that reads one is removed (its
     readers read the input). The graph casts the (small, constant per user) A/B tensors on every call; this runner
     widens them once per user switch instead (the cast of 2.4M values per token cost SmolLM2 decode time).
-    The file on disk keeps fp16 inputs for ORT GenAI and ORT's own adapters. Returns the dtype to feed."""
+    The file on disk keeps fp16 inputs for ORT GenAI and ORT's own adapters. The session's input types say
+    what to feed."""
     from onnx import TensorProto
 
     fp16 = [i for i in proto.graph.input if i.name in names and i.type.tensor_type.elem_type == TensorProto.FLOAT16]
     if not fp16:
-        return np.float32 if any(i.name in names for i in proto.graph.input) else np.float16
+        return
     casts = [n for n in proto.graph.node if n.op_type == "Cast" and n.input[0] in names]
     if any(next(a.i for a in n.attribute if a.name == "to") != TensorProto.FLOAT for n in casts) or \
             any(n.input[0] in names and n.op_type != "Cast" for n in proto.graph.node):
-        return np.float16   # another use of the fp16 inputs: leave the graph as it is
+        return   # another use of the fp16 inputs: leave the graph as it is
     alias = {n.output[0]: n.input[0] for n in casts}
     for n in casts:
         proto.graph.node.remove(n)
@@ -44,7 +45,6 @@ def _widen_lora_inputs(proto, names: set) -> type:
                 n.input[k] = alias[name]
     for i in fp16:
         i.type.tensor_type.elem_type = TensorProto.FLOAT
-    return np.float32
 
 
 class OnnxRunner:
@@ -66,6 +66,8 @@ class OnnxRunner:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
         self.lora_names: list[str] = []
+        self.lora_arrays: dict = {}   # base packages: the active LoRA inputs, fed (or bound) on every call
+        self.lora_values: dict = {}   # the same arrays as OrtValues (sharing their memory) for IOBinding
         if manifest.get("delivery") == "base-package":
             self.session = self._base_package_session(model, so, provider)
             self._set_lora({})
@@ -106,7 +108,7 @@ class OnnxRunner:
         self.lora_names = [i.name for i in proto.graph.initializer if i.name.startswith("lora.") and i.name in graph_inputs]
         del proto.graph.initializer[:]
         proto.graph.initializer.extend(keep)
-        self.lora_dtype = _widen_lora_inputs(proto, set(self.lora_names))
+        _widen_lora_inputs(proto, set(self.lora_names))
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.parent))
         return ort.InferenceSession(proto.SerializeToString(), sess_options=so, providers=[provider])
 
@@ -114,15 +116,15 @@ class OnnxRunner:
         import onnxruntime as ort
 
         inputs = {i.name: i for i in self.session.get_inputs()}
-        values = {}
+        arrays = {}
         for name in self.lora_names:
             arr = tensors.get(name)
             if arr is None:   # no adapter (or a target it lacks): rank 0, the product adds zeros
                 shape = [d if isinstance(d, int) else 0 for d in inputs[name].shape]
                 arr = np.zeros(shape, dtype=_NP.get(inputs[name].type, np.float16))
-            arr = arr.astype(_NP.get(inputs[name].type, np.float16), copy=False)
-            values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
-        self.lora_values = values
+            arrays[name] = np.ascontiguousarray(arr.astype(_NP.get(inputs[name].type, np.float16), copy=False))
+        self.lora_arrays = arrays
+        self.lora_values = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
 
     def set_adapter(self, package) -> float:
         """Make one user's adapter package active (``None``: the plain base); the base session is kept.
@@ -177,8 +179,7 @@ class OnnxRunner:
         if self.share_buffer:
             return self._run_bound(feeds, total)
         feeds.update(self.past)
-        if self.lora_names:
-            feeds.update({k: v.numpy() for k, v in self.lora_values.items()})
+        feeds.update(self.lora_arrays)
         outs = self.session.run(None, feeds)
         res = dict(zip(self.output_names, outs))
         for past, present in zip(self.past_names, self.present_names):
@@ -194,7 +195,7 @@ class OnnxRunner:
         for past, present in zip(self.past_names, self.present_names):
             b.bind_ortvalue_input(past, self.kv_values[past])
             b.bind_ortvalue_output(present, self.kv_values[past])
-        for name, value in getattr(self, "lora_values", {}).items():
+        for name, value in self.lora_values.items():
             b.bind_ortvalue_input(name, value)
         self.session.run_with_iobinding(b)
         self.position = total
