@@ -48,21 +48,9 @@ def sha256_dir(path: str | Path, patterns: tuple[str, ...] = ("*.safetensors", "
 
 
 def write_json_atomic(path: str | Path, data: Any, indent: int = 2) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=indent, ensure_ascii=False, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """JSON by rename (:func:`write_text_atomic`); serialised first, so a value that cannot be written
+    leaves no temporary file."""
+    write_text_atomic(path, json.dumps(data, indent=indent, ensure_ascii=False, default=str) + "\n")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
