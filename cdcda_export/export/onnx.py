@@ -528,22 +528,17 @@ def _fp16_scales(proto) -> int:
                                                     to=TensorProto.FLOAT))
             n_mm += 1
     for node in list(g.node):
-        if node.op_type == "GatherBlockQuantized" and node.input[2] in done:
+        if node.op_type != "GatherBlockQuantized":
+            continue
+        for k in (2, 3):   # its own table's scales (an untied Q8_0 gather); a tied one reads the head's, done above
+            if len(node.input) > k:
+                to_fp16(node.input[k])
+        if node.input[2] in done:   # fp16 scales: fp16 rows, cast back for the float residual stream
             y = node.output[0]
             node.output[0] = f"{y}__fp16"
             idx = list(g.node).index(node)
             g.node.insert(idx + 1, helper.make_node("Cast", [node.output[0]], [y], name=f"{node.name}_out_fp32",
                                                     to=TensorProto.FLOAT))
-        elif node.op_type == "GatherBlockQuantized":
-            for k in (2, 3):
-                if len(node.input) > k and node.input[k] in inits and inits[node.input[k]].data_type == TensorProto.FLOAT:
-                    to_fp16(node.input[k])
-                    if k == 2:
-                        y = node.output[0]
-                        node.output[0] = f"{y}__fp16"
-                        idx = list(g.node).index(node)
-                        g.node.insert(idx + 1, helper.make_node("Cast", [node.output[0]], [y],
-                                                                name=f"{node.name}_out_fp32", to=TensorProto.FLOAT))
     return n_mm
 
 
