@@ -75,7 +75,7 @@ def _adapter_package_manifest(pkg: Path, m: dict) -> dict:
     """An adapter package checks as its base package with the adapter active: the base package's manifest
     with the adapter package's ``adapter`` (source, sha256: the reference merges that peft adapter),
     ``user_id`` and ``task``; ``_base_package`` / ``_adapter_package`` tell the runner what to load."""
-    from ..runtime.adapters import read_adapter_package
+    from ..runtime.adapters import read_adapter_package, read_json
 
     src = Path((m.get("base_package") or {}).get("source") or "")
     if not (src / "manifest.json").is_file():
@@ -83,7 +83,7 @@ def _adapter_package_manifest(pkg: Path, m: dict) -> dict:
                         file=str(pkg / "manifest.json"), field="base_package.source",
                         hint="rebuild the base package (`cdcda export --base-package ...`) and rewrite the adapter "
                              "package for it (`cdcda export --adapter-only ...`)")
-    base = json.loads((src / "manifest.json").read_text(encoding="utf-8"))
+    base = read_json(src / "manifest.json", "a base package")   # a damaged one is a UserError naming it
     read_adapter_package(pkg, base)   # files and the base package's hash, before any work
     merged = dict(base)
     merged.update({"adapter": {"source": m["adapter"]["source"], "sha256": m["adapter"]["sha256"]},
