@@ -23,6 +23,7 @@ import yaml
 from cdcda_export.check.report import iter_reports
 from cdcda_export.config import build
 from cdcda_export.pipeline import PipelineConfig, pipeline_status, run_pipeline
+from cdcda_export.pipeline import run as run_mod
 from cdcda_export.pipeline.ledger import Ledger
 from cdcda_export.pipeline.stages import STAGES
 
@@ -80,7 +81,7 @@ def _assert_delivered(out: Path, users) -> None:
         assert not [p for p in root.iterdir() if ".partial-" in p.name]
 
 
-def test_run_rerun_noop_status_and_changed_user(tmp_path, tiny_model_dir):
+def test_run_rerun_noop_status_and_changed_user(tmp_path, tiny_model_dir, monkeypatch):
     base = tiny_model_dir("tiny")
     q, o = _data(tmp_path)
     out = tmp_path / "run"
@@ -119,6 +120,18 @@ def test_run_rerun_noop_status_and_changed_user(tmp_path, tiny_model_dir):
     st = pipeline_status(out, cfg_lr)
     assert st["stages"]["augment"]["done"] == 2
     assert all(st["stages"][s]["stale"] == 2 for s in ("train", "export", "check", "bench"))
+
+    # a changed code hash (a module the stage imports was edited, pipeline.code) makes that stage and the
+    # stages fed by its output stale, nothing else: train -> train, export, check, bench; check -> check only
+    real = run_mod.code_hash
+    for edited, stale in (("train", {"train", "export", "check", "bench"}), ("check", {"check"}),
+                          ("bench", {"bench"})):
+        monkeypatch.setattr(run_mod, "code_hash", lambda s, e=edited: real(s) + ("-edited" if s == e else ""))
+        st = pipeline_status(out)
+        assert {s for s in STAGES if st["stages"][s]["stale"] == 2} == stale, edited
+        assert all(st["stages"][s]["done"] == 2 for s in STAGES if s not in stale), edited
+    monkeypatch.setattr(run_mod, "code_hash", real)
+    assert all(pipeline_status(out)["stages"][s]["done"] == 2 for s in STAGES)
 
 
 def test_failing_user_is_isolated_and_transient_errors_retried(tmp_path, tiny_model_dir, monkeypatch):

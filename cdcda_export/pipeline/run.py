@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
+from .code import code_hash
 from .config import PipelineConfig
 from .ledger import Ledger, Record, fingerprint
-from .stages import FAULTS_ENV, SHARED, STAGE_JSON, STAGE_VERSION, STAGES, Job, read_stage_json, safe_folder
+from .stages import FAULTS_ENV, SHARED, STAGE_JSON, STAGES, Job, read_stage_json, safe_folder
 
 LEDGER = "ledger.sqlite"
 CONFIG_JSON = "pipeline.json"
@@ -116,7 +117,9 @@ class Planner:
         self.recipes_sha = _recipes_sha(cfg.export.recipes)
 
     def common(self, stage: str) -> dict:
-        return {"stage": stage, "stage_version": STAGE_VERSION[stage], "versions": self.versions}
+        """What every fingerprint of ``stage`` holds: the library versions and the hash of the stage's code
+        (its function and every module of ours it imports, :mod:`.code`)."""
+        return {"stage": stage, "code": code_hash(stage), "versions": self.versions}
 
     # ------------------------------------------------------------------ base packages
     def uses_packages(self) -> bool:
@@ -448,14 +451,11 @@ def user_states(planner: Planner, plans: list[UserPlan]) -> dict[tuple, str]:
     states: dict[tuple, str] = {}
     results: dict[tuple, dict] = {}
     for u in plans:
-        broken = False   # an upstream stage is not current: what follows cannot be current either
+        # a stage whose upstream is not current is Blocked by planner.job (its input is not in ``results``);
+        # a stage that does not read that upstream (bench reads export, not check) is judged on its own
         for stage in STAGES:
             key = (u.task, u.user, stage)
             rec = planner.ledger.get(*key)
-            if broken:
-                states[key] = ("stale" if rec and rec.status in ("done", "skipped") else
-                               "failed" if rec and rec.status == "failed" else "pending")
-                continue
             try:
                 job, _ = planner.job(u, stage, results)
             except Skip as s:
@@ -463,11 +463,9 @@ def user_states(planner: Planner, plans: list[UserPlan]) -> dict[tuple, str]:
                 results[key] = {"skipped": str(s)}
                 continue
             except Fail:
-                broken = True
                 states[key] = "failed"
                 continue
             except Blocked:
-                broken = True
                 states[key] = ("stale" if rec and rec.status in ("done", "skipped") else
                                "failed" if rec and rec.status == "failed" else "pending")
                 continue
@@ -476,7 +474,6 @@ def user_states(planner: Planner, plans: list[UserPlan]) -> dict[tuple, str]:
                 states[key] = cur.status
                 results[key] = cur.result or {}
                 continue
-            broken = True
             if rec is None or rec.status == "running":
                 states[key] = "pending"
             elif rec.fingerprint != job.fingerprint and rec.status in ("done", "skipped", "failed"):

@@ -33,8 +33,6 @@ from typing import Callable
 STAGES = ("augment", "train", "export", "check", "bench")
 SHARED = "base_package"
 STAGE_JSON = "stage.json"
-# bump a stage's number when what it writes changes meaning: its records become stale
-STAGE_VERSION = {"augment": 1, "train": 1, "export": 1, "check": 1, "bench": 1, SHARED: 1}
 FAULTS_ENV = "CDCDA_PIPELINE_FAULTS"
 
 
