@@ -258,3 +258,63 @@ def test_ray_executor_on_a_local_head(tmp_path, tiny_model_dir):
     assert (out / "LaMP-3" / "users" / "3000" / ".export.fault-once").is_file()   # the fault did fire
     assert s["dispatched"] == 1 + 2 * 3          # base package + export/check/bench per user; augment/train kept
     _assert_delivered(out, ["3000", "3001"])
+
+
+def _many_users(tmp: Path, n: int) -> tuple[Path, Path, list[str]]:
+    """``n`` LaMP-3 users cloned from the shipped sample's four (new ids, same texts and golds)."""
+    q = json.loads((SAMPLE / "questions.json").read_text())
+    o = json.loads((SAMPLE / "outputs.json").read_text())
+    gold = {g["id"]: g["output"] for g in o["golds"]}
+    users = [f"u{i:03d}" for i in range(n)]
+    qs = [{**q[i % len(q)], "id": u, "profile": [{**p, "id": f"{u}-{j}"} for j, p in enumerate(q[i % len(q)]["profile"])]}
+          for i, u in enumerate(users)]
+    golds = [{"id": u, "output": gold[q[i % len(q)]["id"]]} for i, u in enumerate(users)]
+    d = tmp / "data"
+    d.mkdir()
+    (d / "questions.json").write_text(json.dumps(qs))
+    (d / "outputs.json").write_text(json.dumps({"task": o["task"], "golds": golds}))
+    return d / "questions.json", d / "outputs.json", users
+
+
+def _ray_worker_killed(tmp_path, tiny_model_dir, n: int) -> None:
+    """``n`` users through Ray on a local loopback head (2 CPUs); the Ray worker running one user's training
+    SIGKILLs itself (``CDCDA_PIPELINE_FAULTS=train:...:kill``) while the other worker is busy. Ray replaces the
+    worker and retries the task: every user is delivered once, the ledger has one record per (user, stage),
+    each dispatched once."""
+    import psutil
+    import ray
+
+    base = tiny_model_dir("tiny")
+    q, o, users = _many_users(tmp_path, n)
+    victim = users[n // 2]
+    cfg = build(PipelineConfig, {**_cfg_dict(base, q, o, users), "train": {"max_steps": 1},
+                                 "check": {"max_heldout": 1, "max_new_tokens": 2},
+                                 "bench": {"runs": 1, "warmup": 0, "prompt_len": 8, "gen_len": 2}})
+    out = tmp_path / "run"
+    env = {k: os.environ[k] for k in ("CDCDA_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if k in os.environ}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {**env, "OMP_NUM_THREADS": "1"}}, log_to_driver=False)
+    try:
+        os.environ["CDCDA_PIPELINE_FAULTS"] = f"train:LaMP-3/{victim}:kill"
+        s = run_pipeline(cfg, out, executor="ray", show=False)
+    finally:
+        os.environ.pop("CDCDA_PIPELINE_FAULTS", None)
+        ray.shutdown()
+    marker = out / "LaMP-3" / "users" / victim / ".train.fault-kill"
+    killed = int(marker.read_text())                      # the worker did die, by SIGKILL, mid-run
+    assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
+    assert s["delivered"] == n and not s["failures"]
+    assert s["dispatched"] == 1 + n * len(STAGES)         # Ray retried inside the one dispatch: none duplicated
+    recs = _records(out)
+    assert sorted(k for k in recs if k[0] == "LaMP-3") == sorted(("LaMP-3", u, st) for u in users for st in STAGES)
+    assert all(r.status == "done" and r.attempts == 1 for r in recs.values())
+    redone = recs[("LaMP-3", victim, "train")]
+    assert not redone.worker.endswith(f":{killed}")       # finished by another (new) worker process
+    _assert_delivered(out, users)
+    for u in users:                                       # one adapter, one package per user
+        assert [p.name for p in (out / "LaMP-3" / "users" / u / "train").iterdir() if p.is_dir()] == [u]
+
+
+def test_ray_worker_killed_mid_run_20_users(tmp_path, tiny_model_dir):
+    # ~40 s on 2 shared cores (Ray start included), so it stays in `make test`
+    _ray_worker_killed(tmp_path, tiny_model_dir, 20)

@@ -5,7 +5,6 @@ copy of the sources, never on the tree."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 

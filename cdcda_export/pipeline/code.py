@@ -113,7 +113,7 @@ def stage_files(stage: str) -> list[Path]:
     return [p.relative_to(ROOT) for p in closure(stage_sources(stage))]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_hash(stage: str) -> str:
     """sha256 over the stage's own source and every file it depends on (path + bytes), once per process."""
     h = hashlib.sha256()

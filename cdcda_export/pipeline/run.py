@@ -32,7 +32,7 @@ from ..errors import UserError
 from .code import code_hash
 from .config import PipelineConfig
 from .ledger import Ledger, Record, fingerprint
-from .stages import FAULTS_ENV, SHARED, STAGE_JSON, STAGES, Job, read_stage_json, safe_folder
+from .stages import FAULTS_ENV, SHARED, STAGES, Job, read_stage_json, safe_folder
 
 LEDGER = "ledger.sqlite"
 CONFIG_JSON = "pipeline.json"

@@ -98,20 +98,27 @@ def safe_folder(name: str) -> str:
 
 
 def _inject_fault(job: Job) -> None:
-    """``$CDCDA_PIPELINE_FAULTS``: comma-separated ``STAGE:TASK/USER`` (a permanent error) or
-    ``STAGE:TASK/USER:once`` (a transient error on the first attempt only; a marker file beside the output
-    remembers it, so it holds for Ray retries too). ``*`` matches any task or user."""
+    """``$CDCDA_PIPELINE_FAULTS``: comma-separated ``STAGE:TASK/USER`` (a permanent error),
+    ``STAGE:TASK/USER:once`` (a transient error on the first attempt only) or ``STAGE:TASK/USER:kill``
+    (the worker process SIGKILLs itself on the first attempt, as the OOM killer would: the executor sees a
+    dead worker, not an error). For ``once`` and ``kill`` a marker file beside the output remembers the first
+    attempt (``kill`` writes the killed pid into it), so it holds for Ray retries too. ``*`` matches any
+    task or user."""
     for spec in filter(None, (s.strip() for s in job.faults.split(","))):
         stage, _, rest = spec.partition(":")
         who, _, mode = rest.partition(":")
         task, _, user = who.partition("/")
         if stage != job.stage or task not in ("*", job.task) or user not in ("*", job.user):
             continue
-        if mode == "once":
-            marker = Path(job.out).parent / f".{job.stage}.fault-once"
+        if mode in ("once", "kill"):
+            marker = Path(job.out).parent / f".{job.stage}.fault-{mode}"
             if not marker.exists():
                 marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text("1")
+                marker.write_text(str(os.getpid()))
+                if mode == "kill":
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise ConnectionError(f"injected transient fault ({FAULTS_ENV}={spec})")
             continue
         raise RuntimeError(f"injected failure ({FAULTS_ENV}={spec})")
