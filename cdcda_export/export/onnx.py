@@ -318,17 +318,20 @@ def count_ops(path: Path) -> dict[str, int]:
 def _tie_embedding_to_head(proto, bits: int, block: int) -> bool:
     """Tied embeddings: replace the float embedding ``Gather`` by a ``GatherBlockQuantized`` that reads the
     quantized lm_head's own weights and scales (as ORT GenAI's builder does), so the table is stored once,
-    at the head's precision. Only for a symmetric head (no zero points: GatherBlockQuantized takes no float
-    zero points, and the head's default zero point is what it assumes). Returns whether it was done."""
+    at the head's precision. For a symmetric head (default zero point) or an asymmetric one with integer
+    zero points (uint8, packed like MatMulNBits'; GatherBlockQuantized takes no float zero points, so not a
+    min-scale head). Returns whether it was done."""
     import numpy as np
     from onnx import helper, numpy_helper
 
     g = proto.graph
     inits = {i.name: i for i in g.initializer}
     lm = [n for n in g.node if n.op_type == "MatMulNBits" and "logits" in n.output]
-    if len(lm) != 1 or len(lm[0].input) != 3:
+    if len(lm) != 1 or len(lm[0].input) not in (3, 4):
         return False
     lm = lm[0]
+    if len(lm.input) == 4 and (lm.input[3] not in inits or inits[lm.input[3]].data_type != onnx_uint8()):
+        return False
     attrs = {a.name: helper.get_attribute_value(a) for a in lm.attribute}
     n_rows, k = int(attrs["N"]), int(attrs["K"])
     if int(attrs.get("bits", 4)) != bits or int(attrs.get("block_size", 0)) != block or k % block:
@@ -343,7 +346,7 @@ def _tie_embedding_to_head(proto, bits: int, block: int) -> bool:
     g.initializer.append(numpy_helper.from_array(np.array([n_rows, k * bits // 8], dtype=np.int64), shape_name))
     idx = list(g.node).index(emb)
     # the head's scales are [N, K / block] already: what GatherBlockQuantized reads for data [N, K]
-    gbq = helper.make_node("GatherBlockQuantized", [flat, emb.input[1], lm.input[2]], list(emb.output),
+    gbq = helper.make_node("GatherBlockQuantized", [flat, emb.input[1], *lm.input[2:4]], list(emb.output),
                            name=f"{emb.name}_tied", domain="com.microsoft", bits=bits, block_size=block,
                            gather_axis=0, quantize_axis=1)
     g.node.remove(emb)
@@ -354,6 +357,136 @@ def _tie_embedding_to_head(proto, bits: int, block: int) -> bool:
         if not any(name in n.input for n in g.node):
             g.initializer.remove(inits[name])
     return True
+
+
+def onnx_uint8() -> int:
+    from onnx import TensorProto
+
+    return TensorProto.UINT8
+
+
+def pack_int4(q, block: int):
+    """MatMulNBits' 4-bit layout of q [N, K] (values 0..15): data [N, K / block, block / 2] uint8, element
+    2i in the low nibble and 2i + 1 in the high one (checked against ONNX Runtime's own quantizer in
+    tests/test_calibrate.py)."""
+    import numpy as np
+
+    q = np.asarray(q, dtype=np.uint8)
+    n, k = q.shape
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(n, k // block, block // 2)
+
+
+def pack_int4_zero_points(zp):
+    """Integer zero points [N, K / block] (0..15) as MatMulNBits / GatherBlockQuantized store them at 4 bit:
+    [N, ceil(blocks / 2)] uint8, two per byte, low nibble first, an odd row padded with 8 (the default zero
+    point, as ONNX Runtime's quantizer pads)."""
+    import numpy as np
+
+    zp = np.asarray(zp, dtype=np.uint8)
+    if zp.shape[1] % 2:
+        zp = np.concatenate([zp, np.full((zp.shape[0], 1), 8, np.uint8)], 1)
+    return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+
+
+def _head_node(proto):
+    lm = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output]
+    return lm[0] if len(lm) == 1 else None
+
+
+def _gptq_head(proto, w_kn, calib, bits: int, block: int, scale_dtype: str) -> dict:
+    """Re-round the (asymmetric, integer zero point) 4-bit lm_head MatMulNBits in place with GPTQ on the
+    calibration inputs (export/calibrate.py). ``w_kn``: the head's float weight [K, N] as exported."""
+    import numpy as np
+    import torch
+    from onnx import numpy_helper
+
+    from .calibrate import dequant, gptq, rtn
+
+    lm = _head_node(proto)
+    if lm is None or len(lm.input) != 4:
+        raise RuntimeError("quantization.head_calibration: no asymmetric 4-bit lm_head MatMulNBits to calibrate")
+    inits = {i.name: i for i in proto.graph.initializer}
+    w = torch.from_numpy(np.ascontiguousarray(w_kn.T)).float()
+    x = calib.hidden.float()
+    q, scale, zp = gptq(w, x, block, bits, scale_dtype=scale_dtype)
+    # what the rounding bought, on the calibration inputs: relative output error, GPTQ vs round-to-nearest
+    xs = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:1024]]   # [<=1024, K]: the
+    with torch.no_grad():                                                                  # logits stay small
+        ref = xs @ w.T
+        err = lambda deq: float(((xs @ deq.T - ref).norm() / ref.norm()).item())   # noqa: E731
+        facts = {"method": "gptq", "damp": 0.01, "calibration_output_rel_err": round(err(dequant(q, scale, zp, block)), 5),
+                 "rtn_output_rel_err": round(err(dequant(rtn(w, scale, zp, block, bits), scale, zp, block)), 5)}
+    data, sc, z = (inits[lm.input[i]] for i in (1, 2, 3))
+    old_sc = numpy_helper.to_array(sc)
+    data.CopyFrom(numpy_helper.from_array(pack_int4(q.numpy(), block).reshape(tuple(data.dims)), data.name))
+    sc.CopyFrom(numpy_helper.from_array(scale.numpy().astype(old_sc.dtype).reshape(old_sc.shape), sc.name))
+    z.CopyFrom(numpy_helper.from_array(pack_int4_zero_points(zp.numpy()).reshape(tuple(z.dims)), z.name))
+    return facts
+
+
+def _hot_rows(proto, w_kn, calib, n_rows: int, block: int, accuracy_level: int) -> dict:
+    """Keep the ``n_rows`` vocabulary rows with the most calibration probability mass at 8 bit (Q8_0 blocks,
+    scale searched): a second, small MatMulNBits computes their logits, which ScatterElements writes over
+    the 4-bit head's; a tied embedding lookup reads those rows from the same 8-bit table (Where on a row
+    map). In place; returns the facts for the manifest."""
+    import hashlib
+
+    import numpy as np
+    import torch
+    from onnx import helper, numpy_helper
+
+    from .calibrate import hot_rows
+
+    g = proto.graph
+    lm = _head_node(proto)
+    k, v = w_kn.shape
+    rows = hot_rows(torch.from_numpy(np.ascontiguousarray(w_kn.T)), calib.hidden, n_rows).numpy().astype(np.int64)
+    rows.sort()
+    q8, scale = _q8_blocks_searched(np.ascontiguousarray(w_kn.T[rows]), block)
+    n = len(rows)
+    pre = "lm_head_hot"
+    g.initializer.extend([numpy_helper.from_array(q8.reshape(n, k // block, block), f"{pre}_Q8"),
+                          numpy_helper.from_array(scale, f"{pre}_scales"),
+                          numpy_helper.from_array(rows, f"{pre}_rows")])
+    cold = "logits_cold"
+    idx = list(g.node).index(lm)
+    lm.output[0] = cold
+    g.node.insert(idx + 1, helper.make_node(
+        "MatMulNBits", [lm.input[0], f"{pre}_Q8", f"{pre}_scales"], [f"{pre}_logits"], name=f"{pre}_MatMulNBits",
+        domain="com.microsoft", K=k, N=n, bits=8, block_size=block, accuracy_level=accuracy_level))
+    g.node.insert(idx + 2, helper.make_node("Shape", [f"{pre}_logits"], [f"{pre}_shape"], name=f"{pre}_shape"))
+    g.node.insert(idx + 3, helper.make_node("Expand", [f"{pre}_rows", f"{pre}_shape"], [f"{pre}_idx"],
+                                            name=f"{pre}_expand"))
+    g.node.insert(idx + 4, helper.make_node("ScatterElements", [cold, f"{pre}_idx", f"{pre}_logits"], ["logits"],
+                                            name=f"{pre}_scatter", axis=-1))
+    facts = {"hot_rows": n, "hot_rows_bits": 8, "hot_rows_sha256": hashlib.sha256(rows.tobytes()).hexdigest()[:16]}
+    tied = [nd for nd in g.node if nd.op_type == "GatherBlockQuantized" and nd.name.endswith("_tied")]
+    if tied:   # the embedding reads hot rows from the 8-bit table: pos = map[id] (-1: cold), Where(pos >= 0, hot, cold)
+        gbq = tied[0]
+        ids, out = gbq.input[1], gbq.output[0]
+        row_map = np.full(v, -1, np.int32)
+        row_map[rows] = np.arange(n, dtype=np.int32)
+        g.initializer.extend([numpy_helper.from_array(row_map, f"{pre}_map"),
+                              numpy_helper.from_array(np.array([n, k], np.int64), f"{pre}_table_shape"),
+                              numpy_helper.from_array(np.array(0, np.int32), f"{pre}_zero"),
+                              numpy_helper.from_array(np.array([-1], np.int64), f"{pre}_last_axis")])
+        gbq.output[0] = f"{out}__cold"
+        at = list(g.node).index(gbq) + 1
+        new = [
+            helper.make_node("Gather", [f"{pre}_map", ids], [f"{pre}_pos"], name=f"{pre}_map_gather", axis=0),
+            helper.make_node("GreaterOrEqual", [f"{pre}_pos", f"{pre}_zero"], [f"{pre}_is_hot"], name=f"{pre}_is_hot"),
+            helper.make_node("Max", [f"{pre}_pos", f"{pre}_zero"], [f"{pre}_pos0"], name=f"{pre}_pos0"),
+            helper.make_node("Reshape", [f"{pre}_Q8", f"{pre}_table_shape"], [f"{pre}_table"], name=f"{pre}_table"),
+            helper.make_node("GatherBlockQuantized", [f"{pre}_table", f"{pre}_pos0", f"{pre}_scales"], [f"{out}__hot"],
+                             name=f"{pre}_embedding", domain="com.microsoft", bits=8, block_size=block,
+                             gather_axis=0, quantize_axis=1),
+            helper.make_node("Unsqueeze", [f"{pre}_is_hot", f"{pre}_last_axis"], [f"{pre}_is_hot3"], name=f"{pre}_unsq"),
+            helper.make_node("Where", [f"{pre}_is_hot3", f"{out}__hot", f"{out}__cold"], [out], name=f"{pre}_where"),
+        ]
+        for j, nd in enumerate(new):
+            g.node.insert(at + j, nd)
+        facts["hot_rows_embedding"] = True
+    return facts
 
 
 def _linear_kind(node, inits, spec) -> str:
@@ -542,7 +675,7 @@ def _fp16_scales(proto) -> int:
     return n_mm
 
 
-def _weight_only(proto, recipe, spec) -> tuple[object, dict]:
+def _weight_only(proto, recipe, spec, calib=None) -> tuple[object, dict]:
     """Weight-only MatMulNBits quantization (ONNX Runtime's ``MatMulNBitsQuantizer``), per linear kind:
     ``quantization.bits`` / ``grid`` for the layers, ``head_bits`` for the lm_head, ``eight_bit`` kinds at
     8 bit (symmetric); then the tied embedding reads the head (``embeddings: same``)."""
@@ -573,6 +706,9 @@ def _weight_only(proto, recipe, spec) -> tuple[object, dict]:
 
     q8_floats = {n.name: numpy_helper.to_array(inits[n.input[1]]) for n in weight_mm
                  if n.name in plan.get((8, "symmetric"), [])}
+    head_float = next((numpy_helper.to_array(inits[n.input[1]]) for n in weight_mm if kinds[n.name] == "lm_head"), None)
+    if (q.head_calibration or q.hot_rows) and (calib is None or head_float is None):
+        raise RuntimeError("quantization.head_calibration / hot_rows need calibration inputs and an lm_head MatMul")
     for (nbits, g), names in sorted(plan.items(), reverse=True):
         if g == "min-scale":
             cfg = mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=nbits, op_types_to_quantize=("MatMul",))
@@ -585,6 +721,9 @@ def _weight_only(proto, recipe, spec) -> tuple[object, dict]:
         quant.process()
         proto = quant.model.model
     _q8_0_rule(proto, q8_floats, block, search=q.scale_search)
+    calib_facts: dict = {}
+    if q.head_calibration == "gptq":
+        calib_facts["head_rounding"] = _gptq_head(proto, head_float, calib, head_bits, block, q.scale_dtype)
     tied = False
     if q.embeddings in ("same", "int8", "int4"):
         emb_bits = head_bits if q.embeddings == "same" else int(q.embeddings[3:])
@@ -599,6 +738,10 @@ def _weight_only(proto, recipe, spec) -> tuple[object, dict]:
             quant = mnq.MatMulNBitsQuantizer(proto, algo_config=cfg)
             quant.process()
             proto = quant.model.model
+    if q.hot_rows:
+        calib_facts.update(_hot_rows(proto, head_float, calib, q.hot_rows, block, acc))
+    if calib_facts:
+        calib_facts["calibration"] = calib.facts
     if q.scale_dtype == "float16":
         _fp16_scales(proto)
     by_kind = {}
@@ -608,11 +751,12 @@ def _weight_only(proto, recipe, spec) -> tuple[object, dict]:
     facts = {"bits": bits, "block_size": block, "grid": grid, "head_bits": head_bits, "head_grid": q.head_grid,
              "eight_bit": list(q.eight_bit or []), "accuracy_level": acc,
              "linear_kinds": {k: sorted(v) for k, v in sorted(by_kind.items())},
-             "embedding_shares_lm_head": bool(tied), "scale_dtype": q.scale_dtype, "scale_search": q.scale_search}
+             "embedding_shares_lm_head": bool(tied), "scale_dtype": q.scale_dtype, "scale_search": q.scale_search,
+             **calib_facts}
     return proto, facts
 
 
-def _quantize(src: Path, dst: Path, recipe, work: Path, spec=None) -> dict:
+def _quantize(src: Path, dst: Path, recipe, work: Path, spec=None, calib=None) -> dict:
     q = recipe.quantization
     if q.scheme == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -628,7 +772,7 @@ def _quantize(src: Path, dst: Path, recipe, work: Path, spec=None) -> dict:
     elif q.scheme in ("int8", "int4"):
         import onnx
 
-        proto, facts = _weight_only(onnx.load(str(src)), recipe, spec)
+        proto, facts = _weight_only(onnx.load(str(src)), recipe, spec, calib)
         _save(proto, dst)
         return facts
     else:
@@ -726,6 +870,13 @@ def export_onnx(job) -> dict:
     spec = dec.spec
     if q.scheme in ("int8", "int4"):
         check_block_size(dec, q)
+    calib = None
+    if q.head_calibration or q.hot_rows:
+        from ..train.format import PromptFormat
+        from .calibrate import calibrate
+
+        job.progress("calibration (lm_head inputs on the LaMP sample's training examples)")
+        calib = calibrate(job.model, job.base_dir, PromptFormat.from_dict(job.prompt_format))
     io = {"methods": ["forward"], "engine": opts.engine, **dec.io_description()}
     final = job.out_dir / MODEL_FILE
     if opts.engine == "genai-builder":
@@ -760,7 +911,7 @@ def export_onnx(job) -> dict:
         dec = None
         job.progress(f"onnxruntime quantization ({q.scheme})")
         t0 = time.perf_counter()
-        extra_facts = _quantize(fp32, final, rec, job.work_dir, spec=spec)
+        extra_facts = _quantize(fp32, final, rec, job.work_dir, spec=spec, calib=calib)
         timings["quantize_s"] = round(time.perf_counter() - t0, 2)
     del dec
     if job.lora is not None:   # base package: empty defaults for the LoRA inputs (ORT's adapter contract)

@@ -63,10 +63,18 @@ class Quantization:
     # Q4_1-like grid, least squared error) instead of Q8_0's rule alone. Helps float compute (onnx/int8); with
     # int8 compute (accuracy_level 4) the activations' rounding dominates and it measured worse
     scale_search: bool = False
+    # ONNX lm_head rounding calibrated on text (export/calibrate.py): "gptq" rounds a 4-bit asymmetric head
+    # with GPTQ on the head's inputs; hot_rows keeps that many vocabulary rows (most probability mass on the
+    # calibration text) at 8 bit in the head and the tied embedding. Calibration: the shipped LaMP sample's
+    # training examples, in the artifact's prompt format
+    head_calibration: str | None = field(default=None, metadata={"choices": (None, "gptq")})
+    hot_rows: int = 0
 
     def __post_init__(self):
         if self.head_bits is not None and self.head_bits not in (4, 8):
             raise ValueError(f"quantization.head_bits: {self.head_bits!r} is not allowed; allowed: 4, 8")
+        if self.hot_rows < 0:
+            raise ValueError(f"quantization.hot_rows: {self.hot_rows!r} is not allowed; allowed: 0 or more rows")
         bad = [k for k in self.eight_bit if k not in ("down_proj",)]
         if bad:
             raise ValueError(f"quantization.eight_bit: {bad!r} is not allowed; allowed: down_proj")

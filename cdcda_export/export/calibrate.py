@@ -1,0 +1,176 @@
+"""Calibrated rounding of the lm_head (recipe ``quantization.head_calibration`` / ``hot_rows``).
+
+A tied lm_head at 4 bit is where a 4-bit recipe loses most on a real small model: on SmolLM2-135M-Instruct
+(Q4_1 layers re-quantized losslessly, Q8_0 head/embedding), the head alone at 4 bit, rounded to nearest,
+costs mean KL 0.055-0.09 and top-1 0.77-0.82 (benchmarks/results/quality_*). Two calibrated steps recover
+almost all of it while keeping 4-bit storage:
+
+* **GPTQ** (Frantar et al. 2022) rounds the head's columns one at a time and spreads each column's rounding
+  error over the columns not yet rounded, weighted by the inverse Hessian ``X^T X`` of the head's input
+  (the final hidden states of calibration text). The grid (per-block scale and integer zero point) is fixed
+  from the float weights, so the output is an ordinary asymmetric MatMulNBits / GatherBlockQuantized table.
+  ONNX Runtime ships a GPTQ (``onnxruntime.quantization.neural_compressor.weight_only.gptq``), but in
+  onnxruntime 1.32 it propagates no error: it reads the *column* ``Hinv[i:, i]`` of the upper Cholesky factor
+  (all zeros below the diagonal) instead of the row ``Hinv[i, i:]``, so its output equals round-to-nearest
+  (measured: KL 0.0904 vs 0.0906 on the SmolLM2 head), and its ``mse=True`` grid search is worse still
+  (KL 1.33). This module is the one place that works around it; ``tests/test_calibrate.py`` checks that
+  ours lowers the output error against round-to-nearest and that ORT's still does not (so we notice a fix).
+* **Hot rows**: the vocabulary rows that carry the probability mass on calibration text (a few percent of a
+  49k vocabulary) keep 8-bit blocks, in the head and in the embedding lookup.
+
+Calibration text: the training examples ``cdcda train`` builds (prompt + answer, in the artifact's prompt
+format) for every user of the shipped LaMP sample -- never a user's held-out pairs, which ``cdcda check``
+measures on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+TASKS = ("LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7")
+
+
+@dataclass
+class Calibration:
+    hidden: "object"          # torch.Tensor [positions, hidden]: the lm_head's input (after the final norm)
+    facts: dict               # what goes to the manifest
+
+
+def calibration_ids(tokenizer, fmt, max_len: int = 192, per_user: int = 8, hp=None) -> list[list[int]]:
+    """Token ids of the calibration sequences: up to ``per_user`` training examples (prompt + answer, in
+    prompt format ``fmt``) of every user of each task of the shipped LaMP sample, held-out pairs excluded."""
+    from importlib import resources
+
+    from ..data import load_lamp
+    from ..train.format import encode_example
+    from ..train.train import Hyper, build_user_data
+
+    hp = hp or Hyper()
+    eos = fmt.end_of_turn_id if fmt.end_of_turn_id is not None else tokenizer.eos_token_id
+    sample = Path(str(resources.files("cdcda_export") / "assets" / "lamp_sample"))
+    seqs: list[list[int]] = []
+    for task in TASKS:
+        d = sample / task
+        ds = load_lamp(task, d / "questions.json", d / "outputs.json")
+        for user in ds.users:
+            others = [item for o in ds.users if o.id != user.id for item in o.profile]
+            data = build_user_data(ds.task, user, others, [], hp, fmt)
+            if isinstance(data, str):
+                continue
+            for prompt, answer, _ in data.train[:per_user]:   # prompts already in format ``fmt``
+                ids = encode_example(tokenizer, prompt, answer, eos, max_len).input_ids
+                if len(ids) >= 2:
+                    seqs.append(ids)
+    return seqs
+
+
+def head_inputs(model, seqs: list[list[int]]):
+    """The lm_head's input for every position of ``seqs``: the decoder's last hidden state (after the final
+    norm), float32 [positions, hidden]."""
+    import torch
+
+    out = []
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    with torch.no_grad():
+        for s in seqs:
+            out.append(body(input_ids=torch.tensor([s])).last_hidden_state[0].float())
+    return torch.cat(out)
+
+
+def calibrate(model, base_dir: Path, fmt, *, max_len: int = 192, per_user: int = 8) -> Calibration:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    seqs = calibration_ids(tok, fmt, max_len=max_len, per_user=per_user)
+    h = head_inputs(model, seqs)
+    digest = hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16]
+    return Calibration(h, {"source": "shipped LaMP sample: cdcda train's training examples of every user "
+                                     "(held-out pairs excluded)", "tasks": list(TASKS), "sequences": len(seqs),
+                           "positions": int(h.shape[0]), "ids_sha256": digest, "prompt_format": fmt.kind})
+
+
+def block_grid(w, block: int, bits: int = 4, scale_dtype: str = "float16"):
+    """Asymmetric per-block grid of ``w`` [N, K] (blocks along K): scale = (max - min) / (2^bits - 1) stored
+    at ``scale_dtype``, integer zero point round(-min / scale) in [0, 2^bits - 1] (MatMulNBits' uint8 zero
+    points). Returns (scale [N, K/block] float32, zero point [N, K/block] float32)."""
+    import torch
+
+    n, k = w.shape
+    levels = 2 ** bits - 1
+    x = w.float().reshape(n, k // block, block)
+    lo = x.amin(-1).clamp(max=0.0)          # the grid spans 0 (as ORT's asymmetric quantizer's does)
+    hi = x.amax(-1).clamp(min=0.0)
+    scale = (hi - lo) / levels
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    if scale_dtype == "float16":
+        scale = scale.half().float()
+    zp = torch.clamp(torch.round(-lo / scale), 0, levels)
+    return scale, zp
+
+
+def rtn(w, scale, zp, block: int, bits: int = 4):
+    """Round-to-nearest onto a fixed grid: q [N, K] uint8 in [0, 2^bits - 1]."""
+    import torch
+
+    n, k = w.shape
+    s = scale.repeat_interleave(block, 1)
+    z = zp.repeat_interleave(block, 1)
+    return torch.clamp(torch.round(w.float() / s) + z, 0, 2 ** bits - 1).to(torch.uint8)
+
+
+def dequant(q, scale, zp, block: int):
+    return (q.float() - zp.repeat_interleave(block, 1)) * scale.repeat_interleave(block, 1)
+
+
+def gptq(w, x, block: int, bits: int = 4, *, damp: float = 0.01, lazy: int = 128, scale_dtype: str = "float16"):
+    """GPTQ rounding of ``w`` [N, K] (N outputs, K inputs) for inputs ``x`` [positions, K], onto the fixed
+    asymmetric block grid of :func:`block_grid`. Returns (q [N, K] uint8, scale, zp), as :func:`rtn`.
+
+    The standard algorithm with lazy batch updates: Hessian H = X^T X / n, dampened by ``damp`` x its mean
+    diagonal; columns in order, each rounded, its error divided by the Cholesky factor's diagonal and
+    subtracted from the later columns through the upper Cholesky factor of H^-1 (row i, not column i: see
+    the module docstring for ONNX Runtime's mix-up)."""
+    import torch
+
+    n, k = w.shape
+    levels = 2 ** bits - 1
+    scale, zp = block_grid(w, block, bits, scale_dtype)
+    W = w.detach().float().clone()
+    H = x.double().T @ x.double() / max(1, x.shape[0])
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.diag(H).mean() * torch.eye(k, dtype=H.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    q = torch.zeros(n, k, dtype=torch.uint8)
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        w1 = W[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c, g = i1 + i, (i1 + i) // block
+            col = w1[:, i]
+            qc = torch.clamp(torch.round(col / scale[:, g]) + zp[:, g], 0, levels)
+            q[:, c] = qc.to(torch.uint8)
+            e = (col - (qc - zp[:, g]) * scale[:, g]) / h1[i, i]
+            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q, scale, zp
+
+
+def hot_rows(w, x, n_rows: int, chunk: int = 1024):
+    """The ``n_rows`` rows of the head ``w`` [V, K] with the most probability mass summed over calibration
+    inputs ``x`` [positions, K] (softmax of x @ w^T), most first: int64 [min(n_rows, V)]."""
+    import torch
+
+    mass = torch.zeros(w.shape[0], dtype=torch.float64)
+    wf = w.float()
+    with torch.no_grad():
+        for i in range(0, x.shape[0], chunk):
+            mass += torch.softmax(x[i:i + chunk].float() @ wf.T, -1).sum(0).double()
+    return torch.argsort(mass, descending=True)[: min(n_rows, w.shape[0])]
