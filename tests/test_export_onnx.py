@@ -290,12 +290,16 @@ def test_min_scale_grid_reproduces_an_on_grid_base(tiny_model_dir, tmp_path):
     with torch.no_grad():
         ref = model(ids).logits[0].numpy()
     err = {}
-    for grid, scales in (("min-scale", "float32"), ("min-scale", "float16"), ("symmetric", "float32")):
-        art = export(on_grid, None, "onnx/int4", tmp_path / f"{grid}-{scales}", progress=False,
+    for grid, scales, extra in (("min-scale", "float32", ""), ("min-scale", "float16", ""),
+                                ("symmetric", "float32", ""), ("min-scale", "float16", "-gptq")):
+        art = export(on_grid, None, "onnx/int4", tmp_path / f"{grid}-{scales}{extra}", progress=False,
                      overrides=[f"quantization.grid={grid}", "onnx.accuracy_level=0",
-                                f"quantization.scale_dtype={scales}"])
-        err[f"{grid}-{scales}"] = float(np.abs(runtime.load(art).prefill(PROMPT) - ref).max())
+                                f"quantization.scale_dtype={scales}"]
+                     + (["quantization.layers_calibration=gptq"] if extra else []))
+        err[f"{grid}-{scales}{extra}"] = float(np.abs(runtime.load(art).prefill(PROMPT) - ref).max())
     assert err["min-scale-float32"] <= 1e-3, err
+    # GPTQ on weights already on the grid: every rounding error is 0, nothing moves (same bound as without)
+    assert err["min-scale-float16-gptq"] <= 5e-3, err
     # fp16 scales/minimums are exact here (the grid's own d and m are fp16); what remains is the fp16 activations
     # those matmuls take (relative rounding 2^-11 per input): a few 1e-3 on these logits
     assert err["min-scale-float16"] <= 5e-3, err

@@ -37,6 +37,21 @@ TASKS = ("LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7")
 class Calibration:
     hidden: "object"          # torch.Tensor [positions, hidden]: the lm_head's input (after the final norm)
     facts: dict               # what goes to the manifest
+    hessians: dict | None = None   # weight key (see weight_key) -> X^T X / n [in, in] of that linear's input
+
+    def hessian_for(self, w_kn) -> "object | None":
+        """The input Hessian of the exported MatMul weight ``w_kn`` [K, N]: a fused projection (qkv, gate_up)
+        starts with its first linear's columns, and shares that linear's input."""
+        return (self.hessians or {}).get(weight_key(w_kn))
+
+
+def weight_key(w_kn) -> bytes:
+    """Identity of a linear's weight in the exported graph: its first 4 x 8 entries as a MatMul weight [K, N]
+    (a fused projection's first columns are its first linear's), with K."""
+    import numpy as np
+
+    a = np.ascontiguousarray(np.asarray(w_kn, dtype=np.float32)[:4, :8])
+    return np.int64(np.asarray(w_kn).shape[0]).tobytes() + a.tobytes()
 
 
 def calibration_ids(tokenizer, fmt, max_len: int = 192, per_user: int = 8, hp=None) -> list[list[int]]:
@@ -67,44 +82,75 @@ def calibration_ids(tokenizer, fmt, max_len: int = 192, per_user: int = 8, hp=No
     return seqs
 
 
-def head_inputs(model, seqs: list[list[int]]):
-    """The lm_head's input for every position of ``seqs``: the decoder's last hidden state (after the final
-    norm), float32 [positions, hidden]."""
+def head_inputs(model, seqs: list[list[int]], layers: bool = False):
+    """The lm_head's input for every position of ``seqs`` (the decoder's last hidden state, after the final
+    norm; float32 [positions, hidden]) and, with ``layers``, each decoder linear's input Hessian X^T X / n on
+    the float model (forward pre-hooks; linears that share an input share one accumulator)."""
     import torch
 
     out = []
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    with torch.no_grad():
-        for s in seqs:
-            out.append(body(input_ids=torch.tensor([s])).last_hidden_state[0].float())
-    return torch.cat(out)
+    sums: dict[bytes, list] = {}
+    hooks = []
+    if layers:
+        for m in body.modules():
+            if isinstance(m, torch.nn.Linear):
+                key = weight_key(m.weight.detach().T.numpy())
+                acc = sums.setdefault(key, [torch.zeros(m.in_features, m.in_features, dtype=torch.float64), 0])
+
+                def hook(mod, args, acc=acc):
+                    a = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                    acc[0] += a.T @ a
+                    acc[1] += a.shape[0]
+                hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for s in seqs:
+                out.append(body(input_ids=torch.tensor([s])).last_hidden_state[0].float())
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat(out), {k: (v[0] / max(1, v[1])).float() for k, v in sums.items()}
 
 
-def calibrate(model, base_dir: Path, fmt, *, max_len: int = 192, per_user: int = 8) -> Calibration:
+def calibrate(model, base_dir: Path, fmt, *, max_len: int = 192, per_user: int = 8, layers: bool = False) -> Calibration:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     seqs = calibration_ids(tok, fmt, max_len=max_len, per_user=per_user)
-    h = head_inputs(model, seqs)
+    h, hessians = head_inputs(model, seqs, layers=layers)
     digest = hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16]
     return Calibration(h, {"source": "shipped LaMP sample: cdcda train's training examples of every user "
                                      "(held-out pairs excluded)", "tasks": list(TASKS), "sequences": len(seqs),
-                           "positions": int(h.shape[0]), "ids_sha256": digest, "prompt_format": fmt.kind})
+                           "positions": int(h.shape[0]), "ids_sha256": digest, "prompt_format": fmt.kind},
+                       hessians or None)
 
 
-def block_grid(w, block: int, bits: int = 4, scale_dtype: str = "float16"):
-    """Asymmetric per-block grid of ``w`` [N, K] (blocks along K): scale = (max - min) / (2^bits - 1) stored
-    at ``scale_dtype``, integer zero point round(-min / scale) in [0, 2^bits - 1] (MatMulNBits' uint8 zero
-    points). Returns (scale [N, K/block] float32, zero point [N, K/block] float32)."""
+def block_grid(w, block: int, bits: int = 4, scale_dtype: str = "float16", grid: str = "asymmetric"):
+    """Per-block grid of ``w`` [N, K] (blocks along K), dequantized as (q - zero point) * scale:
+
+    * ``asymmetric``: scale = (max - min) / (2^bits - 1) over a range that spans 0, integer zero point
+      round(-min / scale) in [0, 2^bits - 1] (MatMulNBits' uint8 zero points, ORT's asymmetric quantizer);
+    * ``min-scale``: scale = (max - min) / (2^bits - 1), float zero point -min / scale (llama.cpp Q4_1's
+      w = d * q + m; what ``onnx._min_scale_quantizer`` writes).
+
+    Scale (and a float zero point) rounded to ``scale_dtype`` as stored. Returns (scale, zero point), both
+    float32 [N, K/block]."""
     import torch
 
     n, k = w.shape
     levels = 2 ** bits - 1
     x = w.float().reshape(n, k // block, block)
-    lo = x.amin(-1).clamp(max=0.0)          # the grid spans 0 (as ORT's asymmetric quantizer's does)
-    hi = x.amax(-1).clamp(min=0.0)
+    lo, hi = x.amin(-1), x.amax(-1)
+    if grid == "asymmetric":
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)   # the grid spans 0 (as ORT's asymmetric quantizer's does)
     scale = (hi - lo) / levels
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    if grid == "min-scale":
+        zp = -lo / scale
+        if scale_dtype == "float16":
+            scale, zp = scale.half().float(), zp.half().float()
+        return scale, zp
     if scale_dtype == "float16":
         scale = scale.half().float()
     zp = torch.clamp(torch.round(-lo / scale), 0, levels)
@@ -112,22 +158,25 @@ def block_grid(w, block: int, bits: int = 4, scale_dtype: str = "float16"):
 
 
 def rtn(w, scale, zp, block: int, bits: int = 4):
-    """Round-to-nearest onto a fixed grid: q [N, K] uint8 in [0, 2^bits - 1]."""
+    """Round-to-nearest onto a fixed grid (integer or float zero points): q [N, K] uint8 in [0, 2^bits - 1]."""
     import torch
 
     n, k = w.shape
     s = scale.repeat_interleave(block, 1)
     z = zp.repeat_interleave(block, 1)
-    return torch.clamp(torch.round(w.float() / s) + z, 0, 2 ** bits - 1).to(torch.uint8)
+    return torch.clamp(torch.round(w.float() / s + z), 0, 2 ** bits - 1).to(torch.uint8)   # z may be a float
 
 
 def dequant(q, scale, zp, block: int):
     return (q.float() - zp.repeat_interleave(block, 1)) * scale.repeat_interleave(block, 1)
 
 
-def gptq(w, x, block: int, bits: int = 4, *, damp: float = 0.01, lazy: int = 128, scale_dtype: str = "float16"):
-    """GPTQ rounding of ``w`` [N, K] (N outputs, K inputs) for inputs ``x`` [positions, K], onto the fixed
-    asymmetric block grid of :func:`block_grid`. Returns (q [N, K] uint8, scale, zp), as :func:`rtn`.
+def gptq(w, x, block: int, bits: int = 4, *, damp: float = 0.01, lazy: int = 128, scale_dtype: str = "float16",
+         grid: str = "asymmetric", hessian=None):
+    """GPTQ rounding of ``w`` [N, K] (N outputs, K inputs) for inputs ``x`` [positions, K] (or a precomputed
+    ``hessian`` X^T X / n [K, K]), onto the fixed block grid of :func:`block_grid`. Returns (q [N, K] uint8,
+    scale, zp), as :func:`rtn`. On a weight that already lies on the grid every rounding error is 0, so
+    nothing moves: a base dequantized from Q4_1 stays exact under ``min-scale``.
 
     The standard algorithm with lazy batch updates: Hessian H = X^T X / n, dampened by ``damp`` x its mean
     diagonal; columns in order, each rounded, its error divided by the Cholesky factor's diagonal and
@@ -137,9 +186,9 @@ def gptq(w, x, block: int, bits: int = 4, *, damp: float = 0.01, lazy: int = 128
 
     n, k = w.shape
     levels = 2 ** bits - 1
-    scale, zp = block_grid(w, block, bits, scale_dtype)
+    scale, zp = block_grid(w, block, bits, scale_dtype, grid)
     W = w.detach().float().clone()
-    H = x.double().T @ x.double() / max(1, x.shape[0])
+    H = hessian.double().clone() if hessian is not None else x.double().T @ x.double() / max(1, x.shape[0])
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -154,7 +203,7 @@ def gptq(w, x, block: int, bits: int = 4, *, damp: float = 0.01, lazy: int = 128
         for i in range(i2 - i1):
             c, g = i1 + i, (i1 + i) // block
             col = w1[:, i]
-            qc = torch.clamp(torch.round(col / scale[:, g]) + zp[:, g], 0, levels)
+            qc = torch.clamp(torch.round(col / scale[:, g] + zp[:, g]), 0, levels)
             q[:, c] = qc.to(torch.uint8)
             e = (col - (qc - zp[:, g]) * scale[:, g]) / h1[i, i]
             w1[:, i:] -= e[:, None] * h1[i, i:][None, :]

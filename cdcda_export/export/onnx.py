@@ -424,6 +424,44 @@ def _gptq_head(proto, w_kn, calib, bits: int, block: int, scale_dtype: str) -> d
     return facts
 
 
+def _gptq_layers(proto, floats: dict, calib, grid: str, bits: int, block: int, scale_dtype: str) -> dict:
+    """Re-round the 4-bit layer MatMulNBits (``grid`` min-scale: float zero points; asymmetric: packed uint8)
+    in place with GPTQ, each on its input Hessian from the float model (export/calibrate.py). ``floats``: the
+    float weights [K, N] by original MatMul name. A weight whose linear the calibration did not see keeps
+    round-to-nearest (counted)."""
+    import numpy as np
+    import torch
+    from onnx import numpy_helper
+
+    from .calibrate import gptq
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    done, missed = 0, []
+    for node in proto.graph.node:
+        orig = node.name.rsplit(f"_Q{bits}", 1)[0]
+        if node.op_type != "MatMulNBits" or orig not in floats or len(node.input) != 4:
+            continue
+        w_kn = floats[orig]
+        h = calib.hessian_for(w_kn)
+        if h is None:
+            missed.append(orig)
+            continue
+        q, scale, zp = gptq(torch.from_numpy(np.ascontiguousarray(w_kn.T)), None, block, bits, hessian=h,
+                            scale_dtype=scale_dtype, grid=grid)
+        data, sc, z = (inits[node.input[i]] for i in (1, 2, 3))
+        old_sc, old_z = numpy_helper.to_array(sc), numpy_helper.to_array(z)
+        data.CopyFrom(numpy_helper.from_array(pack_int4(q.numpy(), block).reshape(tuple(data.dims)), data.name))
+        sc.CopyFrom(numpy_helper.from_array(scale.numpy().astype(old_sc.dtype).reshape(old_sc.shape), sc.name))
+        zp_arr = (zp.numpy().astype(old_z.dtype) if grid == "min-scale"
+                  else pack_int4_zero_points(zp.numpy()))
+        z.CopyFrom(numpy_helper.from_array(zp_arr.reshape(old_z.shape), z.name))
+        done += 1
+    if not done:
+        raise RuntimeError("quantization.layers_calibration: no 4-bit layer matched a calibrated linear "
+                           f"(missed: {missed[:3]}...)")
+    return {"method": "gptq", "damp": 0.01, "matmuls": done, "round_to_nearest": len(missed)}
+
+
 def _hot_rows(proto, w_kn, calib, n_rows: int, block: int, accuracy_level: int) -> dict:
     """Keep the ``n_rows`` vocabulary rows with the most calibration probability mass at 8 bit (Q8_0 blocks,
     scale searched): a second, small MatMulNBits computes their logits, which ScatterElements writes over
@@ -706,8 +744,10 @@ def _weight_only(proto, recipe, spec, calib=None) -> tuple[object, dict]:
 
     q8_floats = {n.name: numpy_helper.to_array(inits[n.input[1]]) for n in weight_mm
                  if n.name in plan.get((8, "symmetric"), [])}
+    layer_floats = {n.name: numpy_helper.to_array(inits[n.input[1]]) for n in weight_mm
+                    if q.layers_calibration and n.name in plan.get((bits, grid), []) and kinds[n.name] != "lm_head"}
     head_float = next((numpy_helper.to_array(inits[n.input[1]]) for n in weight_mm if kinds[n.name] == "lm_head"), None)
-    if (q.head_calibration or q.hot_rows) and (calib is None or head_float is None):
+    if (q.head_calibration or q.hot_rows or q.layers_calibration) and (calib is None or head_float is None):
         raise RuntimeError("quantization.head_calibration / hot_rows need calibration inputs and an lm_head MatMul")
     for (nbits, g), names in sorted(plan.items(), reverse=True):
         if g == "min-scale":
@@ -722,6 +762,11 @@ def _weight_only(proto, recipe, spec, calib=None) -> tuple[object, dict]:
         proto = quant.model.model
     _q8_0_rule(proto, q8_floats, block, search=q.scale_search)
     calib_facts: dict = {}
+    if q.layers_calibration == "gptq":
+        if bits != 4 or grid not in ("min-scale", "asymmetric"):
+            raise UserError("quantization.layers_calibration: gptq needs 4-bit layers on a min-scale or asymmetric grid",
+                            field="quantization.layers_calibration", expected="bits: 4 and grid: min-scale or asymmetric")
+        calib_facts["layers_rounding"] = _gptq_layers(proto, layer_floats, calib, grid, bits, block, q.scale_dtype)
     if q.head_calibration == "gptq":
         calib_facts["head_rounding"] = _gptq_head(proto, head_float, calib, head_bits, block, q.scale_dtype)
     tied = False
@@ -871,12 +916,13 @@ def export_onnx(job) -> dict:
     if q.scheme in ("int8", "int4"):
         check_block_size(dec, q)
     calib = None
-    if q.head_calibration or q.hot_rows:
+    if q.head_calibration or q.hot_rows or q.layers_calibration:
         from ..train.format import PromptFormat
         from .calibrate import calibrate
 
         job.progress("calibration (lm_head inputs on the LaMP sample's training examples)")
-        calib = calibrate(job.model, job.base_dir, PromptFormat.from_dict(job.prompt_format))
+        calib = calibrate(job.model, job.base_dir, PromptFormat.from_dict(job.prompt_format),
+                          layers=bool(q.layers_calibration))
     io = {"methods": ["forward"], "engine": opts.engine, **dec.io_description()}
     final = job.out_dir / MODEL_FILE
     if opts.engine == "genai-builder":

@@ -68,6 +68,9 @@ class Quantization:
     # calibration text) at 8 bit in the head and the tied embedding. Calibration: the shipped LaMP sample's
     # training examples, in the artifact's prompt format
     head_calibration: str | None = field(default=None, metadata={"choices": (None, "gptq")})
+    # the same for the 4-bit layers (min-scale or asymmetric grid), with each linear's input Hessian taken on the
+    # float model: a base already on the grid (Q4_1-derived) stays exact, an off-grid (LoRA-merged) one gains
+    layers_calibration: str | None = field(default=None, metadata={"choices": (None, "gptq")})
     hot_rows: int = 0
 
     def __post_init__(self):
