@@ -124,6 +124,15 @@ def test_int4_compact_tiny_export(tiny_model_dir, tiny_artifact):
     assert c["sequences"] > 0 and c["positions"] > c["sequences"] and len(c["ids_sha256"]) == 16
     ops = q["op_counts"]
     assert ops.get("ScatterElements") == 1 and ops.get("Where") == 1 and ops.get("GatherBlockQuantized") == 2, ops
+    # the per-layer localiser still finds the residual stream (embedding = the hot-row Where, then 2 per layer)
+    import onnx
+
+    from cdcda_export.check.localise import onnx_residual_tensors
+
+    graph = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
+    names = onnx_residual_tensors(graph)
+    where = [n for n in graph.node if n.op_type == "Where"]
+    assert len(names) == 2 * 2 + 1 and names[0] == where[0].output[0], names
     prefill_ref, _, _ = eager_greedy(tiny_model_dir("tiny"), PROMPT, 8)
     logits = runtime.load(art).prefill(PROMPT)
     assert logits.shape == prefill_ref.shape and np.isfinite(logits).all()

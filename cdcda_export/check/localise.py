@@ -104,6 +104,9 @@ def onnx_residual_tensors(graph) -> list[str]:
     cs = consumers.get(start, [])
     if len(cs) == 1 and cs[0].op_type == "Cast":   # a table with fp16 scales (quantization.scale_dtype): cast back
         start = cs[0].output[0]
+        cs = consumers.get(start, [])
+    if len(cs) == 1 and cs[0].op_type == "Where":  # hot rows (quantization.hot_rows): 8-bit rows over the 4-bit table
+        start = cs[0].output[0]
     chain = [start]
     h = start
     seen = {h}
