@@ -54,7 +54,7 @@ quality: $(STAMP)
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/cdcda train --base $(QDIR)/base/smollm2-135m-instruct --task LaMP-3 --questions $(LAMP3)/questions.json \
 	  --outputs $(LAMP3)/outputs.json --out $(QDIR)/adapters --users 3000 --max-steps 20
-	$(BIN)/python benchmarks/quality.py --adapter $(QDIR)/adapters/3000 --ours onnx/int8,onnx/int4
+	$(BIN)/python benchmarks/quality.py --adapter $(QDIR)/adapters/3000 --ours onnx/int8,onnx/int4,onnx/int4-compact
 
 # Adapter packages vs merged artifacts on the real SmolLM2-135M-Instruct: two LaMP-3 users (adapters trained
 # once, 20 steps, plain prompts), per-user bytes/seconds, fidelity, decode, user switch.

@@ -319,7 +319,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", type=Path, default=None, help="HF dir or .gguf (default: the packaged SmolLM2-135M-Instruct)")
     ap.add_argument("--adapter", type=Path, default=None, help="a `cdcda train` adapter: measure the merged model")
-    ap.add_argument("--ours", default="onnx/int8,onnx/int4,executorch/xnnpack-8da8w",
+    ap.add_argument("--ours", default="onnx/int8,onnx/int8-fast,onnx/int4,onnx/int4-compact,executorch/xnnpack-8da8w",
                     help="our recipes (comma list)")
     ap.add_argument("--peers", default="llamacpp,ortgenai,torchao-8da4w", help="comma list: llamacpp, ortgenai, torchao-8da4w")
     ap.add_argument("--name", default=None, help="results/quality_<name>.*")
