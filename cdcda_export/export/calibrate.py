@@ -82,35 +82,52 @@ def calibration_ids(tokenizer, fmt, max_len: int = 192, per_user: int = 8, hp=No
     return seqs
 
 
-def head_inputs(model, seqs: list[list[int]], layers: bool = False):
+def head_inputs(model, seqs: list[list[int]], layers: bool = False, layer_positions: int = 8192):
     """The lm_head's input for every position of ``seqs`` (the decoder's last hidden state, after the final
     norm; float32 [positions, hidden]) and, with ``layers``, each decoder linear's input Hessian X^T X / n on
-    the float model (forward pre-hooks; linears that share an input share one accumulator)."""
+    the float model (forward pre-hooks on every k-th sequence, about ``layer_positions`` positions in all).
+    Linears called one after another on the same input (q/k/v, gate/up) share one accumulator, found under
+    each one's :func:`weight_key`."""
     import torch
 
     out = []
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     sums: dict[bytes, list] = {}
+    alias: dict[bytes, bytes] = {}
+    last: dict = {"input": None, "key": None, "on": False}
     hooks = []
     if layers:
         for m in body.modules():
             if isinstance(m, torch.nn.Linear):
                 key = weight_key(m.weight.detach().T.numpy())
-                acc = sums.setdefault(key, [torch.zeros(m.in_features, m.in_features, dtype=torch.float64), 0])
 
-                def hook(mod, args, acc=acc):
-                    a = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                def hook(mod, args, key=key):
+                    if not last["on"]:
+                        return
+                    a = args[0].detach()
+                    sig = (a.data_ptr(), tuple(a.shape))
+                    if sig == last["input"]:        # same input as the linear just before (q/k/v, gate/up)
+                        alias[key] = last["key"]
+                        return
+                    last["input"], last["key"] = sig, key
+                    a = a.reshape(-1, a.shape[-1]).float()
+                    acc = sums.setdefault(key, [torch.zeros(a.shape[1], a.shape[1]), 0])
                     acc[0] += a.T @ a
                     acc[1] += a.shape[0]
                 hooks.append(m.register_forward_pre_hook(hook))
+    n_pos = sum(len(s) for s in seqs)
+    stride = max(1, round(n_pos / layer_positions)) if layers else 0
     try:
         with torch.no_grad():
-            for s in seqs:
+            for i, s in enumerate(seqs):
+                last["on"], last["input"] = bool(layers) and i % stride == 0, None
                 out.append(body(input_ids=torch.tensor([s])).last_hidden_state[0].float())
     finally:
         for h in hooks:
             h.remove()
-    return torch.cat(out), {k: (v[0] / max(1, v[1])).float() for k, v in sums.items()}
+    hess = {k: v[0] / max(1, v[1]) for k, v in sums.items()}
+    hess.update({k: hess[v] for k, v in alias.items() if v in hess})
+    return torch.cat(out), hess
 
 
 def calibrate(model, base_dir: Path, fmt, *, max_len: int = 192, per_user: int = 8, layers: bool = False) -> Calibration:
