@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UserError
+from ..runtime.base import teacher_forced_logits
 from .metrics import Aggregate, compare_prompt
 from .prompts import Prompt, generic_prompts, load_prompts_file, user_prompts
 from .thresholds import evaluate_gates, resolve_thresholds, scheme_of
@@ -128,16 +129,6 @@ def _coreml_structure(art: Path) -> dict:
     except Exception as e:  # noqa: BLE001 - a broken package is a failed check, reported with its reason
         return {"passed": False, "problems": [f"{type(e).__name__}: {e}"]}
     return res
-
-
-def _runner_logits(runner, ids: list[int], cont: list[int]) -> np.ndarray:
-    """Teacher-forced logits through prefill(prompt) then decode() of each continuation token but the last."""
-    runner.reset()
-    first = np.asarray(runner.prefill(ids), dtype=np.float32)
-    rows = [first]
-    for tok in cont[:-1]:
-        rows.append(np.asarray(runner.decode(int(tok)), dtype=np.float32)[None])
-    return np.concatenate(rows, axis=0)
 
 
 @dataclass
@@ -246,7 +237,7 @@ def check_group(arts: list[tuple[Path, dict]], opts: CheckOptions) -> list[dict]
             cont = ref.greedy(ids, n_new)
             seq = ids + cont
             ref_logits = ref.logits(seq[:-1])
-            art_logits = _runner_logits(runner, ids, cont)
+            art_logits = teacher_forced_logits(runner, ids, cont)
             free = greedy_generate(runner, ids, n_new).tokens
             res = compare_prompt(p.id, p.kind, len(ids), ref_logits, art_logits, cont, free, seq, err_thr)
             agg.results.append(res)

@@ -263,10 +263,10 @@ def localise(art: Path, manifest: dict, ref, ids: list[int], cont: list[int], th
         # [h_0 (embedding), h_1, ..., h_L], the same points as the reference's
         cmp = _compare_layers(ref_states, states, tol, len(ids))
         from ..runtime import load as load_runner
-        from .core import _runner_logits
+        from ..runtime import teacher_forced_logits
 
         runner = load_runner(art, threads=opts.threads)
-        art_logits = _runner_logits(runner, ids, cont)
+        art_logits = teacher_forced_logits(runner, ids, cont)
         mirror_err = float(np.abs(art_logits.astype(np.float64) - mirror_logits).max())
         ref_err = float(np.abs(ref.logits(seq[:-1]).astype(np.float64) - mirror_logits).max())
         out = {"method": "eager-mirror", **minfo, **cmp, "mirror_vs_reference_max_abs_logit_err": ref_err,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .base import (GenerationResult, Runner, RuntimeUnavailable, greedy_generate, model_file, read_manifest,
-                   reexport_hint, verify_artifact)
+                   reexport_hint, teacher_forced_logits, verify_artifact)
 
 _RUNNERS = {
     "executorch": "cdcda_export.runtime.executorch",
@@ -78,4 +78,5 @@ def load_tokenizer(artifact_dir: str | Path):
 
 
 __all__ = ["load", "load_tokenizer", "Runner", "GenerationResult", "RuntimeUnavailable", "greedy_generate", "read_manifest",
+           "teacher_forced_logits",
            "verify_artifact"]

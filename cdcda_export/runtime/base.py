@@ -305,6 +305,16 @@ def file_problems(artifact_dir: str | Path, manifest: dict) -> list[tuple[str, s
     return problems
 
 
+def teacher_forced_logits(runner, ids: Sequence[int], cont: Sequence[int]) -> np.ndarray:
+    """Teacher-forced logits [len(ids) + len(cont) - 1, vocab]: prefill(ids) (every position), then decode() of
+    each continuation token but the last, on a fresh cache (``runner.reset()``)."""
+    runner.reset()
+    rows = [np.asarray(runner.prefill(list(ids)), dtype=np.float32)]
+    for tok in list(cont)[:-1]:
+        rows.append(np.asarray(runner.decode(int(tok)), dtype=np.float32)[None])
+    return np.concatenate(rows, axis=0)
+
+
 def greedy_generate(runner: Runner, prompt_ids: Sequence[int], max_new_tokens: int, *,
                     eos_ids: Sequence[int] = (), keep_logits: bool = False,
                     on_token: Callable[[int], None] | None = None) -> GenerationResult:
