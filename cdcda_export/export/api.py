@@ -51,6 +51,7 @@ class ExportJob:
     progress: Callable[[str], None] = lambda msg: None
     lora: Any = None                # LoraLayout: a base package whose graph takes LoRA A/B inputs (export/lora.py)
     prompt_format: dict | None = None   # io.prompt_format (PromptFormat.describe): how calibration text is formatted
+    merged_adapter: bool = False    # a LoRA is merged into ``model`` (its weights are off the base's grid)
     _merged_dir: Path | None = field(default=None, repr=False)
 
     def decoder(self, cache="io", **kwargs):
@@ -289,7 +290,8 @@ def export(base: str | Path, adapter: str | Path | None, recipe: str | Path | Re
         model = load_merged_model(base, adapter)
         step(f"exporting {rec.format}/{rec.name}")
         job = ExportJob(model=model, recipe=rec, out_dir=tmp, work_dir=Path(work), base_dir=base,
-                        progress=lambda msg: step(msg, advance=False), lora=lora, prompt_format=prompt_format)
+                        progress=lambda msg: step(msg, advance=False), lora=lora, prompt_format=prompt_format,
+                        merged_adapter=adapter is not None)
         with torch.no_grad():
             result = exporter(job) or {}
         step("writing tokenizer + manifest")
