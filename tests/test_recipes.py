@@ -64,6 +64,9 @@ def test_bad_grid_and_mixed_precision_keys_are_named():
         recipe_from_dict({"format": "onnx", "name": "x", "quantization": {"scheme": "int4", "grid": "q4_k"}})
     with pytest.raises(ValidationErrors, match="head_bits: 6 is not allowed; allowed: 4, 8"):
         recipe_from_dict({"format": "onnx", "name": "x", "quantization": {"scheme": "int4", "head_bits": 6}})
+    with pytest.raises(UserError, match="head_calibration"):
+        recipe_from_dict({"format": "onnx", "name": "x", "quantization": {"scheme": "int4", "head_bits": 8,
+                                                                          "head_calibration": "gptq"}})
     with pytest.raises(ValidationErrors, match=r"eight_bit: \['attn'\] is not allowed; allowed: down_proj"):
         recipe_from_dict({"format": "onnx", "name": "x", "quantization": {"scheme": "int4", "eight_bit": ["attn"]}})
 

@@ -229,7 +229,7 @@ def gptq(w, x, block: int, bits: int = 4, *, damp: float = 0.01, lazy: int = 128
     return q, scale, zp
 
 
-def hot_rows(w, x, n_rows: int, chunk: int = 1024):
+def hot_rows(w, x, n_rows: int, chunk: int = 256):
     """The ``n_rows`` rows of the head ``w`` [V, K] with the most probability mass summed over calibration
     inputs ``x`` [positions, K] (softmax of x @ w^T), most first: int64 [min(n_rows, V)]."""
     import torch

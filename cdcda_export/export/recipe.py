@@ -76,6 +76,9 @@ class Quantization:
     def __post_init__(self):
         if self.head_bits is not None and self.head_bits not in (4, 8):
             raise ValueError(f"quantization.head_bits: {self.head_bits!r} is not allowed; allowed: 4, 8")
+        if self.head_calibration and (self.head_bits != 4 or self.head_grid != "asymmetric"):
+            raise ValueError("quantization.head_calibration: gptq needs head_bits: 4 and head_grid: asymmetric "
+                             f"(got head_bits {self.head_bits!r}, head_grid {self.head_grid!r})")
         if self.hot_rows < 0:
             raise ValueError(f"quantization.hot_rows: {self.hot_rows!r} is not allowed; allowed: 0 or more rows")
         bad = [k for k in self.eight_bit if k not in ("down_proj",)]
