@@ -322,15 +322,14 @@ def _tie_embedding_to_head(proto, bits: int, block: int) -> bool:
     zero points (uint8, packed like MatMulNBits'; GatherBlockQuantized takes no float zero points, so not a
     min-scale head). Returns whether it was done."""
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     g = proto.graph
     inits = {i.name: i for i in g.initializer}
-    lm = [n for n in g.node if n.op_type == "MatMulNBits" and "logits" in n.output]
-    if len(lm) != 1 or len(lm[0].input) not in (3, 4):
+    lm = _head_node(proto)
+    if lm is None or len(lm.input) not in (3, 4):
         return False
-    lm = lm[0]
-    if len(lm.input) == 4 and (lm.input[3] not in inits or inits[lm.input[3]].data_type != onnx_uint8()):
+    if len(lm.input) == 4 and (lm.input[3] not in inits or inits[lm.input[3]].data_type != TensorProto.UINT8):
         return False
     attrs = {a.name: helper.get_attribute_value(a) for a in lm.attribute}
     n_rows, k = int(attrs["N"]), int(attrs["K"])
@@ -359,12 +358,6 @@ def _tie_embedding_to_head(proto, bits: int, block: int) -> bool:
     return True
 
 
-def onnx_uint8() -> int:
-    from onnx import TensorProto
-
-    return TensorProto.UINT8
-
-
 def pack_int4(q, block: int):
     """MatMulNBits' 4-bit layout of q [N, K] (values 0..15): data [N, K / block, block / 2] uint8, element
     2i in the low nibble and 2i + 1 in the high one (checked against ONNX Runtime's own quantizer in
@@ -389,8 +382,23 @@ def pack_int4_zero_points(zp):
 
 
 def _head_node(proto):
+    """The lm_head MatMulNBits (the one writing ``logits``), or None."""
     lm = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output]
     return lm[0] if len(lm) == 1 else None
+
+
+def _write_int4(inits: dict, node, q, scale, zp, block: int) -> None:
+    """Overwrite a 4-bit MatMulNBits' data, scales and zero points in place, keeping their shapes and the
+    scales' dtype; float zero points (min-scale grid) are stored as they are, integer ones packed."""
+    from onnx import TensorProto, numpy_helper
+
+    data, sc, z = (inits[node.input[i]] for i in (1, 2, 3))
+    old_sc = numpy_helper.to_array(sc)
+    data.CopyFrom(numpy_helper.from_array(pack_int4(q.numpy(), block).reshape(tuple(data.dims)), data.name))
+    sc.CopyFrom(numpy_helper.from_array(scale.numpy().astype(old_sc.dtype).reshape(old_sc.shape), sc.name))
+    zp_arr = (pack_int4_zero_points(zp.numpy()) if z.data_type == TensorProto.UINT8
+              else zp.numpy().astype(numpy_helper.to_array(z).dtype))
+    z.CopyFrom(numpy_helper.from_array(zp_arr.reshape(tuple(z.dims)), z.name))
 
 
 def _gptq_head(proto, w_kn, calib, bits: int, block: int, scale_dtype: str) -> dict:
@@ -398,7 +406,6 @@ def _gptq_head(proto, w_kn, calib, bits: int, block: int, scale_dtype: str) -> d
     calibration inputs (export/calibrate.py). ``w_kn``: the head's float weight [K, N] as exported."""
     import numpy as np
     import torch
-    from onnx import numpy_helper
 
     from .calibrate import dequant, gptq, rtn
 
@@ -416,11 +423,7 @@ def _gptq_head(proto, w_kn, calib, bits: int, block: int, scale_dtype: str) -> d
         err = lambda deq: float(((xs @ deq.T - ref).norm() / ref.norm()).item())   # noqa: E731
         facts = {"method": "gptq", "damp": 0.01, "calibration_output_rel_err": round(err(dequant(q, scale, zp, block)), 5),
                  "rtn_output_rel_err": round(err(dequant(rtn(w, scale, zp, block, bits), scale, zp, block)), 5)}
-    data, sc, z = (inits[lm.input[i]] for i in (1, 2, 3))
-    old_sc = numpy_helper.to_array(sc)
-    data.CopyFrom(numpy_helper.from_array(pack_int4(q.numpy(), block).reshape(tuple(data.dims)), data.name))
-    sc.CopyFrom(numpy_helper.from_array(scale.numpy().astype(old_sc.dtype).reshape(old_sc.shape), sc.name))
-    z.CopyFrom(numpy_helper.from_array(pack_int4_zero_points(zp.numpy()).reshape(tuple(z.dims)), z.name))
+    _write_int4(inits, lm, q, scale, zp, block)
     return facts
 
 
@@ -431,7 +434,6 @@ def _gptq_layers(proto, floats: dict, calib, grid: str, bits: int, block: int, s
     round-to-nearest (counted)."""
     import numpy as np
     import torch
-    from onnx import numpy_helper
 
     from .calibrate import gptq
 
@@ -448,13 +450,7 @@ def _gptq_layers(proto, floats: dict, calib, grid: str, bits: int, block: int, s
             continue
         q, scale, zp = gptq(torch.from_numpy(np.ascontiguousarray(w_kn.T)), None, block, bits, hessian=h,
                             scale_dtype=scale_dtype, grid=grid)
-        data, sc, z = (inits[node.input[i]] for i in (1, 2, 3))
-        old_sc, old_z = numpy_helper.to_array(sc), numpy_helper.to_array(z)
-        data.CopyFrom(numpy_helper.from_array(pack_int4(q.numpy(), block).reshape(tuple(data.dims)), data.name))
-        sc.CopyFrom(numpy_helper.from_array(scale.numpy().astype(old_sc.dtype).reshape(old_sc.shape), sc.name))
-        zp_arr = (zp.numpy().astype(old_z.dtype) if grid == "min-scale"
-                  else pack_int4_zero_points(zp.numpy()))
-        z.CopyFrom(numpy_helper.from_array(zp_arr.reshape(old_z.shape), z.name))
+        _write_int4(inits, node, q, scale, zp, block)
         done += 1
     if not done:
         raise RuntimeError("quantization.layers_calibration: no 4-bit layer matched a calibrated linear "
