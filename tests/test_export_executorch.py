@@ -187,22 +187,126 @@ def test_group_size_that_does_not_divide_fails_loudly():
     assert "quantization.group_size" in str(e.value) and "64" in str(e.value)
 
 
-@pytest.mark.parametrize("scheme", ["int8wo", "int4wo"])
-def test_weight_only_xnnpack_schemes_are_refused_before_any_work(scheme):
-    """executorch 1.5.1 lowers weight-only int8 linears to XNNPACK ~1000x off (benchmarks/repros/
-    xnnpack_weight_only_int8.py): the exporter refuses those schemes with a UserError naming the repro."""
+def test_weight_only_int4_is_refused_before_any_work():
+    """XNNPACK has no float-activation kernel for blockwise 4-bit weights: int4wo is refused with a UserError
+    naming the repro and the recipe field."""
     from cdcda_export.export.executorch import quantize
 
-    rec, _ = resolve_recipe("executorch/xnnpack-8da8w", [f"quantization.scheme={scheme}"])
-    with pytest.raises(UserError, match="wrong numerics") as e:
+    rec, _ = resolve_recipe("executorch/xnnpack-8da8w", ["quantization.scheme=int4wo"])
+    with pytest.raises(UserError, match="no XNNPACK kernel with float activations") as e:
         quantize(None, rec)
     assert "xnnpack_weight_only_int8.py" in str(e.value) and "quantization.scheme" in str(e.value)
+    rec, _ = resolve_recipe("executorch/xnnpack-int8", ["quantization.group_size=32"])
+    with pytest.raises(UserError, match="one scale per output channel"):
+        quantize(None, rec)
+
+
+@pytest.mark.integration
+def test_int8_weight_only_lowers_to_xnnpack_and_matches_fp32(tiny_artifact):
+    """executorch/xnnpack-int8: per-channel int8 weights, float activations, through our partitioner rule
+    (the stock one drops the scales: outputs ~1000x off). tiny-qwen2 has q/k/v biases (split off into adds).
+    Every linear quantized and GPTQ-rounded (calibration on the shipped sample), every one in XNNPACK (no
+    dequantize left outside), and the .pte within 0.05 logits of the fp32 .pte (int8 rounding on a random
+    tiny model; a dropped scale is off by ~100x the logit range)."""
+    fp32 = tiny_artifact("tiny-qwen2", "executorch/xnnpack-fp32")
+    art = tiny_artifact("tiny-qwen2", "executorch/xnnpack-int8")
+    m = _manifest(art)
+    q = m["quantization_applied"]
+    assert q["scheme"] == "int8wo" and q["quantized_linears"] == q["linears"] > 0, q
+    assert q["weight_rounding"] == {"gptq": q["linears"], "round_to_nearest": 0}, q
+    assert q["calibration"]["sequences"] > 0 and q["embedding_config"] == "8w"
+    d = m["export"]["delegation"]
+    # one dequantize outside: the int8 embedding table's (fused into embedding_byte by to_executorch)
+    assert d["non_delegated_ops"].get("torchao_dequantize_affine_default", 0) == 1, d["non_delegated_ops"]
+    stray = {op: n for op, n in d["non_delegated_ops"].items() if not op.startswith(ALLOWED_OUTSIDE)}
+    assert stray == {} and d["delegated_fraction"] >= MIN_DELEGATED_FRACTION, d
+    assert (art / "model.pte").stat().st_size < 0.35 * (fp32 / "model.pte").stat().st_size
+    lq = runtime.load(art, threads=1).prefill(PROMPT)
+    lf = runtime.load(fp32, threads=1).prefill(PROMPT)
+    err = float(np.abs(lq - lf).max())
+    assert err <= 0.05, f"int8wo .pte vs fp32 .pte max |logit err| {err:.3g} > 0.05 (range {np.ptp(lf):.3g})"
+    assert float((lq.argmax(-1) == lf.argmax(-1)).mean()) >= 0.9
+
+
+@pytest.mark.integration
+def test_min_scale_8da4w_reproduces_its_own_grid_and_lowers(tiny_artifact):
+    """executorch/xnnpack-8da4w-minscale: 8da4w linears on a min-scale grid (symmetric int4 + float per-group
+    offset), SmoothQuant-scaled inputs and an int8 weight-only GPTQ head, all in XNNPACK. On a random tiny
+    model (off any grid) the 4-bit rounding is real, so the .pte is held to 0.15 logits of the fp32 .pte
+    (measured 0.07 on a logit range of ~2) and full top-1 agreement >= 0.9."""
+    fp32 = tiny_artifact("tiny-qwen2", "executorch/xnnpack-fp32")
+    art = tiny_artifact("tiny-qwen2", "executorch/xnnpack-8da4w-minscale")
+    q = _manifest(art)["quantization_applied"]
+    n_layers = q["linears"] - 1
+    assert q["quantized_linears"] == q["linears"] and q["min_scale_grid"] == q["smoothed"] == n_layers, q
+    assert q["lm_head"]["weight_rounding"] == {"gptq": 1, "round_to_nearest": 0}, q
+    # 4-bit rounding of random weights: the grid is rebuilt from the smoothed weights, error <= half a step
+    assert 0 < q["grid_max_abs_err"] < 0.1, q
+    d = _manifest(art)["export"]["delegation"]
+    stray = {op: n for op, n in d["non_delegated_ops"].items() if not op.startswith(ALLOWED_OUTSIDE)}
+    assert stray == {} and d["non_delegated_ops"].get("torchao_dequantize_affine_default", 0) == 1, d
+    lq = runtime.load(art, threads=1).prefill(PROMPT)
+    lf = runtime.load(fp32, threads=1).prefill(PROMPT)
+    err = float(np.abs(lq - lf).max())
+    assert err <= 0.15, f"8da4w-minscale .pte vs fp32 .pte max |logit err| {err:.3g} > 0.15"
+    assert float((lq.argmax(-1) == lf.argmax(-1)).mean()) >= 0.9
+
+
+def test_min_scale_split_is_exact_on_a_q4_1_grid():
+    """The min-scale 8da4w split, d * (q - 8) + per-group offset, reproduces weights that lie on a Q4_1 grid
+    with bf16-exact scales to float rounding (1e-6), and the wrapped module computes linear(x / s) +
+    offset(block_sum(x / s)) equal to x @ W^T (eager, the int4 tensor dequantized to isolate the split:
+    tolerance 1e-4). With SmoothQuant the scales d * s round to bf16 (XNNPACK stores bf16 group scales): the
+    error stays within that rounding (2^-9 relative per scale, up to 8 steps)."""
+    import torch
+
+    from cdcda_export.export.calibrate import Calibration, weight_key
+    from cdcda_export.export.executorch import _dynamic_activation
+    from cdcda_export.export.recipe import Quantization
+
+    torch.manual_seed(0)
+    n, k, g = 16, 64, 32
+    d = (torch.rand(n, k // g) * 0.02 + 0.01).to(torch.bfloat16).float()
+    m = -(torch.rand(n, k // g) * 0.1)
+    qv = torch.randint(0, 16, (n, k))
+    qv[:, 0], qv[:, 1], qv[:, g], qv[:, g + 1] = 0, 15, 0, 15       # each group spans its grid
+    w = qv.float() * d.repeat_interleave(g, 1) + m.repeat_interleave(g, 1)
+
+    class Dec(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(k, n, bias=False)
+            self.lm_head = torch.nn.Linear(n, 8, bias=False)
+            with torch.no_grad():
+                self.proj.weight.copy_(w)
+
+    dec = Dec()
+    x = torch.randn(5, k)
+    calib = Calibration(torch.randn(10, n), {}, {}, {weight_key(w.T.numpy()): x.abs().amax(0)})
+    for alpha in (None, 0.5):
+        dec = Dec()
+        q = Quantization(scheme="8da4w", bits=4, group_size=g, grid="min-scale", smooth_alpha=alpha, head_bits=8)
+        facts = _dynamic_activation(dec, q, calib, "8da4w", g)
+        assert facts["min_scale_grid"] == 1 and facts["smoothed"] == (alpha is not None), facts
+        wrapped = dec.proj
+        sym = wrapped.linear.weight.dequantize()
+        xs = x if alpha is None else x * wrapped.inv_scale
+        with torch.no_grad():
+            y = (xs @ sym.T) + wrapped.offset(wrapped.block_sum(xs))
+        if alpha is None:   # bf16-exact scales: the split is exact
+            assert facts["grid_max_abs_err"] < 1e-6, facts
+        else:               # smoothed scales d * s are rounded to bf16 (XNNPACK's scale type): <= 2^-9 x 8 steps
+            w_s = w * (1 / wrapped.inv_scale)[None, :]
+            assert facts["grid_max_abs_err"] <= 2 ** -9 * 8 * float(w_s.abs().max()), facts
+        err = float((y - x @ w.T).abs().max())
+        assert err < (1e-4 if alpha is None else 2e-2 * float((x @ w.T).abs().max())), err
 
 
 @pytest.mark.integration
 def test_weight_only_int8_xnnpack_repro_still_shows_the_upstream_bug():
-    """The guard above stays only while the bug does: when an upgrade fixes the lowering, this fails and
-    says to lift the guard (the repro's max error against eager, tolerance 1e-2 x output magnitude)."""
+    """Our partitioner rule (_weight_only_linear_config) stays only while the stock lowering is wrong: when an
+    upgrade fixes it, this fails and says so (the repro's max error against eager, tolerance 1e-2 x output
+    magnitude)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("repro", Path(__file__).parents[1] / "benchmarks" / "repros"
@@ -211,7 +315,8 @@ def test_weight_only_int8_xnnpack_repro_still_shows_the_upstream_bug():
     spec.loader.exec_module(mod)
     errs = mod.errors()
     assert all(err > 1e-2 * max(mag, 1.0) for err, mag in errs.values()), (
-        f"weight-only int8 now lowers correctly ({errs}): lift WEIGHT_ONLY_BROKEN in export/executorch.py")
+        f"weight-only int8 now lowers correctly ({errs}): drop _weight_only_linear_config in export/executorch.py "
+        "and reconsider WEIGHT_ONLY_BROKEN")
 
 
 @pytest.mark.integration

@@ -67,6 +67,14 @@ def test_bad_grid_and_mixed_precision_keys_are_named():
     with pytest.raises(UserError, match="head_calibration"):
         recipe_from_dict({"format": "onnx", "name": "x", "quantization": {"scheme": "int4", "head_bits": 8,
                                                                           "head_calibration": "gptq"}})
+    with pytest.raises(UserError, match="needs scheme int8wo for format executorch"):
+        recipe_from_dict({"format": "executorch", "name": "x", "quantization": {"scheme": "8da8w",
+                                                                                "layers_calibration": "gptq"}})
+    with pytest.raises(UserError, match="hot_rows is an ONNX option"):
+        recipe_from_dict({"format": "executorch", "name": "x", "quantization": {"scheme": "int8wo", "hot_rows": 16}})
+    ok = recipe_from_dict({"format": "executorch", "name": "x", "quantization": {
+        "scheme": "int8wo", "head_calibration": "gptq", "layers_calibration": "gptq"}})
+    assert ok.quantization.head_calibration == "gptq"
     with pytest.raises(ValidationErrors, match=r"eight_bit: \['attn'\] is not allowed; allowed: down_proj"):
         recipe_from_dict({"format": "onnx", "name": "x", "quantization": {"scheme": "int4", "eight_bit": ["attn"]}})
 

@@ -38,11 +38,16 @@ class Calibration:
     hidden: "object"          # torch.Tensor [positions, hidden]: the lm_head's input (after the final norm)
     facts: dict               # what goes to the manifest
     hessians: dict | None = None   # weight key (see weight_key) -> X^T X / n [in, in] of that linear's input
+    absmax: dict | None = None     # weight key -> max |x| per input channel [in] (SmoothQuant's statistic)
 
     def hessian_for(self, w_kn) -> "object | None":
         """The input Hessian of the exported MatMul weight ``w_kn`` [K, N]: a fused projection (qkv, gate_up)
         starts with its first linear's columns, and shares that linear's input."""
         return (self.hessians or {}).get(weight_key(w_kn))
+
+    def absmax_for(self, w_kn) -> "object | None":
+        """Per-input-channel max |activation| of the linear whose MatMul weight is ``w_kn`` [K, N]."""
+        return (self.absmax or {}).get(weight_key(w_kn))
 
 
 def weight_key(w_kn) -> bytes:
@@ -84,8 +89,8 @@ def calibration_ids(tokenizer, fmt, max_len: int = 192, per_user: int = 8, hp=No
 
 def head_inputs(model, seqs: list[list[int]], layers: bool = False, layer_positions: int = 8192):
     """The lm_head's input for every position of ``seqs`` (the decoder's last hidden state, after the final
-    norm; float32 [positions, hidden]) and, with ``layers``, each decoder linear's input Hessian X^T X / n on
-    the float model (forward pre-hooks on every k-th sequence, about ``layer_positions`` positions in all).
+    norm; float32 [positions, hidden]) and, with ``layers``, each decoder linear's input Hessian X^T X / n and
+    per-channel max |x| on the float model (forward pre-hooks on every k-th sequence, about ``layer_positions`` positions in all).
     Linears called one after another on the same input (q/k/v, gate/up) share one accumulator, found under
     each one's :func:`weight_key`."""
     import torch
@@ -111,9 +116,10 @@ def head_inputs(model, seqs: list[list[int]], layers: bool = False, layer_positi
                         return
                     last["input"], last["key"] = sig, key
                     a = a.reshape(-1, a.shape[-1]).float()
-                    acc = sums.setdefault(key, [torch.zeros(a.shape[1], a.shape[1]), 0])
+                    acc = sums.setdefault(key, [torch.zeros(a.shape[1], a.shape[1]), 0, torch.zeros(a.shape[1])])
                     acc[0] += a.T @ a
                     acc[1] += a.shape[0]
+                    acc[2] = torch.maximum(acc[2], a.abs().amax(0))
                 hooks.append(m.register_forward_pre_hook(hook))
     n_pos = sum(len(s) for s in seqs)
     stride = max(1, round(n_pos / layer_positions)) if layers else 0
@@ -127,7 +133,9 @@ def head_inputs(model, seqs: list[list[int]], layers: bool = False, layer_positi
             h.remove()
     hess = {k: v[0] / max(1, v[1]) for k, v in sums.items()}
     hess.update({k: hess[v] for k, v in alias.items() if v in hess})
-    return torch.cat(out), hess
+    absmax = {k: v[2] for k, v in sums.items()}
+    absmax.update({k: absmax[v] for k, v in alias.items() if v in absmax})
+    return torch.cat(out), hess, absmax
 
 
 def calibrate(model, base_dir: Path, fmt, *, max_len: int = 192, per_user: int = 8, layers: bool = False) -> Calibration:
@@ -135,12 +143,12 @@ def calibrate(model, base_dir: Path, fmt, *, max_len: int = 192, per_user: int =
 
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     seqs = calibration_ids(tok, fmt, max_len=max_len, per_user=per_user)
-    h, hessians = head_inputs(model, seqs, layers=layers)
+    h, hessians, absmax = head_inputs(model, seqs, layers=layers)
     digest = hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16]
     return Calibration(h, {"source": "shipped LaMP sample: cdcda train's training examples of every user "
                                      "(held-out pairs excluded)", "tasks": list(TASKS), "sequences": len(seqs),
                            "positions": int(h.shape[0]), "ids_sha256": digest, "prompt_format": fmt.kind},
-                       hessians or None)
+                       hessians or None, absmax or None)
 
 
 def block_grid(w, block: int, bits: int = 4, scale_dtype: str = "float16", grid: str = "asymmetric"):
@@ -149,7 +157,9 @@ def block_grid(w, block: int, bits: int = 4, scale_dtype: str = "float16", grid:
     * ``asymmetric``: scale = (max - min) / (2^bits - 1) over a range that spans 0, integer zero point
       round(-min / scale) in [0, 2^bits - 1] (MatMulNBits' uint8 zero points, ORT's asymmetric quantizer);
     * ``min-scale``: scale = (max - min) / (2^bits - 1), float zero point -min / scale (llama.cpp Q4_1's
-      w = d * q + m; what ``onnx._min_scale_quantizer`` writes).
+      w = d * q + m; what ``onnx._min_scale_quantizer`` writes);
+    * ``symmetric``: scale = max|w| / (2^(bits-1) - 1), zero point 2^(bits-1) (stored q - 2^(bits-1) is a
+      signed integer: XNNPACK's per-channel int8 weights with ``block`` = the input width).
 
     Scale (and a float zero point) rounded to ``scale_dtype`` as stored. Returns (scale, zero point), both
     float32 [N, K/block]."""
@@ -159,6 +169,12 @@ def block_grid(w, block: int, bits: int = 4, scale_dtype: str = "float16", grid:
     levels = 2 ** bits - 1
     x = w.float().reshape(n, k // block, block)
     lo, hi = x.amin(-1), x.amax(-1)
+    if grid == "symmetric":
+        scale = torch.maximum(hi.abs(), lo.abs()) / (2 ** (bits - 1) - 1)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        if scale_dtype == "float16":
+            scale = scale.half().float()
+        return scale, torch.full_like(scale, 2.0 ** (bits - 1))
     if grid == "asymmetric":
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)   # the grid spans 0 (as ORT's asymmetric quantizer's does)
     scale = (hi - lo) / levels

@@ -19,6 +19,7 @@ fraction of graph nodes delegated (``quantization_applied`` and ``export.delegat
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 
@@ -29,8 +30,9 @@ MODEL_FILE = "model.pte"
 
 # recipe quantization.scheme -> ExecuTorch quantize_model_ linear config
 LINEAR_CONFIGS = {"none": None, "8da4w": "8da4w", "8da8w": "8da8w", "int8wo": "8w", "int4wo": "4w"}
-# Weight-only linear schemes that executorch 1.5.1's XNNPACK lowering gets wrong (see ``quantize``).
-WEIGHT_ONLY_BROKEN = ("int8wo", "int4wo")
+# Weight-only linear schemes that executorch 1.5.1's XNNPACK lowering gets wrong (see ``quantize``). int8wo
+# (per channel) is lowered through our own partitioner config instead (``_weight_only_linear_config``).
+WEIGHT_ONLY_BROKEN = ("int4wo",)
 # recipe quantization.embeddings -> quantize_model_ embedding config
 EMBEDDING_CONFIGS = {"none": None, "int8": "8w", "int4": "4w"}
 # group size 0 = per output channel (torchao PerAxis(0))
@@ -63,8 +65,9 @@ def _check_group_size(shapes: dict[str, tuple[int, int]], group: int, what: str)
                         expected=f"a divisor of every input width {dims}: one of {ok or 'none; use 0 (per channel)'}")
 
 
-def quantize(dec, recipe) -> dict:
-    """Quantize the decoder in place with ExecuTorch's torchao recipe; returns what was applied."""
+def quantize(dec, recipe, calib=None) -> dict:
+    """Quantize the decoder in place with ExecuTorch's torchao recipe (int8wo: :func:`_int8_weight_only`, with
+    ``calib`` from :func:`.calibrate.calibrate` when the recipe asks for GPTQ); returns what was applied."""
     import torch
 
     q = recipe.quantization
@@ -72,14 +75,18 @@ def quantize(dec, recipe) -> dict:
         raise UserError(f"quantization.scheme {q.scheme!r} is not supported by the ExecuTorch XNNPACK exporter",
                         field="quantization.scheme", expected=", ".join(LINEAR_CONFIGS))
     if q.scheme in WEIGHT_ONLY_BROKEN and q.layers != "none":
-        # executorch 1.5.1 + torchao 0.18: a weight-only (float activation) int8 linear lowered to XNNPACK
-        # returns outputs ~1000x off, as if the scales were dropped (max err 1.6e3 on a single Linear whose
-        # outputs are ~1.5). Minimal reproduction: benchmarks/repros/xnnpack_weight_only_int8.py. Refused
-        # here rather than shipped wrong; tests/test_export_executorch.py holds the refusal.
-        raise UserError(f"quantization.scheme {q.scheme!r} (weight-only) lowers to XNNPACK with wrong numerics in "
-                        "executorch 1.5.1 (see benchmarks/repros/xnnpack_weight_only_int8.py)",
-                        field="quantization.scheme", expected="8da8w, 8da4w or none for the XNNPACK backend",
-                        hint="for near-lossless int8 on CPU use the onnx/int8 recipe (weight-only MatMulNBits)")
+        # executorch 1.5.1 + torchao 0.18: XNNPACK's partitioner has no weight-only linear (see
+        # _weight_only_linear_config); lowered with the stock configs the output is ~1000x off (repro:
+        # benchmarks/repros/xnnpack_weight_only_int8.py). Our config takes per-channel int8 (int8wo) only:
+        # XNNPACK has no float-activation kernel for 4-bit blockwise weights (qb4w needs qd8 activations).
+        raise UserError(f"quantization.scheme {q.scheme!r} (weight-only 4-bit) has no XNNPACK kernel with float "
+                        "activations in executorch 1.5.1 (see benchmarks/repros/xnnpack_weight_only_int8.py)",
+                        field="quantization.scheme", expected="int8wo, 8da8w, 8da4w or none for the XNNPACK backend",
+                        hint="for near-lossless 8-bit use executorch/xnnpack-int8 (int8wo); for 4-bit 8da4w")
+    if q.scheme == "int8wo" and q.layers != "none" and q.group_size not in (None, 0):
+        raise UserError(f"quantization.group_size {q.group_size} with int8wo: XNNPACK's float-activation int8 "
+                        "linear takes one scale per output channel", field="quantization.group_size",
+                        expected="unset or 0 (per output channel)")
     linear = LINEAR_CONFIGS[q.scheme] if q.layers != "none" else None
     emb_name = q.embeddings
     if emb_name == "same":
@@ -99,13 +106,21 @@ def quantize(dec, recipe) -> dict:
 
     from executorch.extension.llm.export.quantize import quantize_model_
 
+    calibrated = {}
+    if linear == "8w":   # int8wo: our rounding (GPTQ when calibrated), torchao's weight-only tensor, own lowering
+        calibrated = _int8_weight_only(dec, q, calib)
+        linear = None
+    elif linear in ("8da4w", "8da8w") and (q.grid == "min-scale" or q.smooth_alpha or q.head_bits == 8):
+        calibrated = _dynamic_activation(dec, q, calib, linear, lin_group)
+        linear = None
     quantize_model_(dec, qlinear_config=linear, qlinear_group_size=lin_group,
                     qembedding_config=embedding, qembedding_group_size=emb_group)
+    linear = applied["linear_config"]
 
     def is_quantized(m) -> bool:  # torchao swaps the weight for a quantized tensor subclass
         return type(m.weight) is not torch.nn.Parameter and type(m.weight) is not torch.Tensor
 
-    linears = [m for m in dec.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in dec.modules() if isinstance(m, torch.nn.Linear) and not getattr(m, "float_helper", False)]
     n_lin = sum(is_quantized(m) for m in linears)
     n_emb = int(is_quantized(dec.embed_tokens))
     if linear and n_lin != len(linears):
@@ -114,7 +129,212 @@ def quantize(dec, recipe) -> dict:
         raise RuntimeError(f"{embedding}: the embedding table was not quantized")
     return {**applied, "group_size": lin_group if linear else None,
             "embedding_group_size": emb_group if embedding else None,
-            "quantized_linears": n_lin, "linears": len(linears), "quantized_embeddings": n_emb}
+            "quantized_linears": n_lin, "linears": len(linears), "quantized_embeddings": n_emb, **calibrated}
+
+
+def _dynamic_activation(dec, q, calib, config: str, group: int) -> dict:
+    """8da4w / 8da8w linears (torchao ``Int8DynamicActivationIntxWeightConfig``: int8 per-token activations),
+    with the recipe's options, in place:
+
+    * ``smooth_alpha``: SmoothQuant. Each linear's input is multiplied by 1/s (a float mul that XNNPACK runs)
+      and its weight columns by s, s = max|x|^a / max|w|^(1-a) per input channel from the calibration text
+      (constant over each group of a 4-bit grid, so a grid the base sits on stays exact).
+    * ``grid: min-scale`` (8da4w): the base's own Q4_1-style grid, w = d * q + m per group of 32. XNNPACK's
+      int4 kernels are symmetric (one bf16 scale per group, no zero point), so the weight is split as
+      d * (q - 8) + (m + 8 d): the first part is an exact symmetric int4 tensor, the second a per-group offset,
+      computed as a float ``block_sum`` linear (K -> K/group, ones) and a float ``offset`` linear (K/group -> N):
+      1 extra fp32 value per group (1 bit per weight at group 32).
+    * ``head_bits: 8``: the lm_head becomes int8 weight-only (float activations; :func:`_int8_weight_only`),
+      rounded by GPTQ with ``head_calibration: gptq``.
+    """
+    import torch
+    from torchao.quantization import quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
+
+    from .calibrate import block_grid, rtn
+
+    bits = 4 if config == "8da4w" else 8
+    gran = PerGroup(group) if group else PerAxis(0)
+    tconf = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4 if bits == 4 else torch.int8,
+                                                  weight_granularity=gran,
+                                                  intx_choose_qparams_algorithm="hqq_scale_only")
+    if (q.smooth_alpha or q.head_calibration) and calib is None:
+        raise RuntimeError(f"{config}: smooth_alpha / head_calibration need calibration inputs")
+    head_int8 = q.head_bits == 8
+    mods = dict(dec.named_modules())
+    names = [n for n, m in mods.items() if isinstance(m, torch.nn.Linear) and not (head_int8 and m is dec.lm_head)]
+    facts = {"smoothed": 0, "min_scale_grid": 0, "grid_max_abs_err": 0.0, "grid_max_rel_err": 0.0}
+    for name in names:
+        lin = mods[name]
+        w = lin.weight.detach().float()
+        n, k = w.shape
+        inv = None
+        if q.smooth_alpha:
+            amax = calib.absmax_for(w.T.numpy())
+            if amax is None and lin is dec.lm_head:
+                amax = calib.hidden.abs().amax(0)
+            if amax is None:
+                raise RuntimeError(f"smooth_alpha: no calibration statistics for {name}")
+            wmax = w.abs().amax(0).clamp(min=1e-5)
+            sm = (amax.float().clamp(min=1e-5) ** q.smooth_alpha / wmax ** (1 - q.smooth_alpha)).clamp(1e-3, 1e3)
+            if bits == 4 and group:   # constant over each group: a grid the base sits on stays exact
+                sm = sm.reshape(-1, group).amax(-1, keepdim=True).expand(-1, group).reshape(-1)
+            w = w * sm[None, :]
+            inv = 1.0 / sm
+            facts["smoothed"] += 1
+        bias = None if lin.bias is None else lin.bias.detach()
+        offset = None
+        if bits == 4 and q.grid == "min-scale":
+            scale, zp = block_grid(w, group, 4, "float32", "min-scale")
+            qu = rtn(w, scale, zp, group, 4)
+            # XNNPACK stores group scales as bf16 (executorch 1.5.1, node_visitor.get_quant_params): use the bf16
+            # scale here too, and give each group the least-squares offset for it (exact when bf16 holds d)
+            d_bf = scale.to(torch.bfloat16).float().repeat_interleave(group, 1)
+            sym_w = (qu.float() - 8) * d_bf
+            offset = (w - sym_w).reshape(n, k // group, group).mean(-1)   # [N, K/group]
+            sym = torch.nn.Linear(k, n, bias=False)
+            with torch.no_grad():
+                sym.weight.copy_(sym_w)
+            quantize_(sym, tconf)
+            t = sym.weight
+            with torch.no_grad():   # the exact grid (torchao's HQQ would pick other scales)
+                t.qdata.copy_((qu.to(torch.int16) - 8).to(torch.int8).reshape(t.qdata.shape))
+                t.scale.copy_(d_bf[:, ::group].reshape(t.scale.shape).to(t.scale.dtype))
+                t.zero_point.zero_()
+            back = sym_w + offset.repeat_interleave(group, 1)
+            err = float((back - w).abs().max())
+            facts["grid_max_abs_err"] = max(facts["grid_max_abs_err"], err)   # in smoothed units (w * s)
+            facts["grid_max_rel_err"] = max(facts["grid_max_rel_err"], err / max(float(w.abs().max()), 1e-12))
+            facts["min_scale_grid"] += 1
+            lin = sym
+        else:
+            lin.bias = None
+            with torch.no_grad():
+                lin.weight.copy_(w)
+            quantize_(lin, tconf)
+        if inv is not None or bias is not None or offset is not None:
+            parent, _, leaf = name.rpartition(".")
+            setattr(mods[parent] if parent else dec, leaf, _wrapped_linear_class()(lin, inv, bias, offset, group))
+    out = {"smooth_alpha": q.smooth_alpha, "grid": q.grid or "symmetric", **facts}
+    if head_int8:
+        out["lm_head"] = _int8_weight_only(dec, q, calib, only=[dec.lm_head])
+    return out
+
+
+@functools.cache
+def _wrapped_linear_class():
+    import torch
+
+    class WrappedLinear(torch.nn.Module):
+        """``linear(x / s) [+ offset(block_sum(x / s))] [+ bias]``: SmoothQuant's input scaling, a min-scale
+        grid's per-group offset, and the bias, outside the quantized linear (see ``_dynamic_activation``)."""
+
+        def __init__(self, linear, inv, bias, offset, group):
+            super().__init__()
+            self.linear = linear
+            p = lambda t: None if t is None else torch.nn.Parameter(t.float(), requires_grad=False)
+            self.inv_scale, self.bias = p(inv), p(bias)
+            self.block_sum = self.offset = None
+            if offset is not None:
+                n, groups = offset.shape
+                self.block_sum = torch.nn.Linear(groups * group, groups, bias=False)
+                self.offset = torch.nn.Linear(groups, n, bias=False)
+                with torch.no_grad():
+                    self.block_sum.weight.copy_(torch.eye(groups).repeat_interleave(group, 1))
+                    self.offset.weight.copy_(offset)
+                self.block_sum.float_helper = self.offset.float_helper = True
+
+        @property
+        def weight(self):
+            return self.linear.weight
+
+        def forward(self, x):
+            if self.inv_scale is not None:
+                x = x * self.inv_scale
+            y = self.linear(x)
+            if self.offset is not None:
+                y = y + self.offset(self.block_sum(x))
+            if self.bias is not None:
+                y = y + self.bias
+            return y
+
+    return WrappedLinear
+
+
+def _int8_weight_only(dec, q, calib, only=None) -> dict:
+    """Per-output-channel symmetric int8 weights with float activations (int8wo), in place.
+
+    Each linear's weight becomes torchao's ``IntxUnpackedToInt8Tensor`` (int8 data, one fp32 scale per output
+    channel), which exports as ``dequantize_affine(weight) -> linear``; :func:`_weight_only_linear_config`
+    lowers that to XNNPACK's f32 x qc8w fully-connected kernel. Rounding: GPTQ on each decoder linear's input
+    Hessian (``layers_calibration: gptq``) and on the lm_head's inputs (``head_calibration: gptq``), else round
+    to nearest. A linear's bias is split off into an add (XNNPACK's visitor refuses a float bias beside a
+    quantized weight with a float input)."""
+    import torch
+    from torchao.quantization import quantize_
+    from torchao.quantization.granularity import PerAxis
+    from torchao.quantization.quant_api import IntxWeightOnlyConfig
+
+    from .calibrate import block_grid, gptq, rtn
+
+    names = [n for n, m in dec.named_modules() if isinstance(m, torch.nn.Linear)
+             and (only is None or any(m is o for o in only))]
+    mods = dict(dec.named_modules())
+    counts = {"gptq": 0, "round_to_nearest": 0}
+    for name in names:
+        lin = mods[name]
+        w = lin.weight.detach().float()
+        k = w.shape[1]
+        is_head = lin is dec.lm_head
+        hess = None
+        if calib is not None and is_head and q.head_calibration == "gptq":
+            hess = calib.hidden.T.double() @ calib.hidden.double() / max(1, calib.hidden.shape[0])
+        elif calib is not None and not is_head and q.layers_calibration == "gptq":
+            hess = calib.hessian_for(w.T.numpy())
+        if hess is not None:
+            qu, scale, zp = gptq(w, None, k, 8, scale_dtype="float32", grid="symmetric", hessian=hess)
+            counts["gptq"] += 1
+        else:
+            scale, zp = block_grid(w, k, 8, "float32", "symmetric")
+            qu = rtn(w, scale, zp, k, 8)
+            counts["round_to_nearest"] += 1
+        bias = lin.bias
+        lin.bias = None
+        quantize_(lin, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)))
+        t = lin.weight
+        with torch.no_grad():   # our rounding and scales in place of torchao's (same layout: q * scale, zp 0)
+            t.qdata.copy_((qu.to(torch.int16) - 128).to(torch.int8).reshape(t.qdata.shape))
+            t.scale.copy_(scale.reshape(t.scale.shape).to(t.scale.dtype))
+            t.zero_point.zero_()
+        if bias is not None:
+            parent, _, leaf = name.rpartition(".")
+            setattr(mods[parent] if parent else dec, leaf, _bias_after_class()(lin, bias.detach()))
+    if calib is None and (q.head_calibration or q.layers_calibration):
+        raise RuntimeError("int8wo: calibration was asked for but no calibration inputs were given")
+    return {"weight_rounding": counts, **({"calibration": calib.facts} if calib is not None else {})}
+
+
+@functools.cache
+def _bias_after_class():
+    import torch
+
+    class BiasAfter(torch.nn.Module):
+        """``linear(x) + bias`` with the bias outside the (weight-only quantized) linear."""
+
+        def __init__(self, linear, bias):
+            super().__init__()
+            self.linear = linear
+            self.bias = torch.nn.Parameter(bias, requires_grad=False)
+
+        @property
+        def weight(self):
+            return self.linear.weight
+
+        def forward(self, x):
+            return self.linear(x) + self.bias
+
+    return BiasAfter
 
 
 # ----------------------------------------------------------------------------- lowering
@@ -146,7 +366,9 @@ def delegation_facts(edge_program) -> dict:
 def _backend_config():
     from executorch.exir import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
-    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+    from executorch.exir.passes.sym_shape_eval_pass import (
+        ConstraintBasedSymShapeEvalPass,
+    )
 
     # As ExecuTorch's LLMEdgeManager.to_executorch: fuse quant patterns (4-bit embedding kernels),
     # fold constants, keep graph inputs out of the planned arena, bound dynamic shapes by constraints.
@@ -158,9 +380,58 @@ def _backend_config():
     )
 
 
-def _xnnpack_partitioners(quantized: bool, extended_ops: bool) -> list:
-    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+def _weight_only_linear_config():
+    """XNNPACK ``LinearConfig`` that also takes a linear whose weight is a static per-channel int8
+    ``dequantize`` and whose input is float (weight-only int8, torchao ``IntxWeightOnlyConfig``).
+
+    Why (executorch 1.5.1): ``GEMMConfig._detect_precision`` calls a linear with a dequantized weight and a
+    float input STATIC_QUANT, which needs a dequantized input and a quantized output, so the stock partitioner
+    never takes the linear together with its weight. The weight's ``dequantize_affine`` is then lowered on its
+    own and its per-channel scales are lost: the .pte returns ``x @ q^T`` exactly, ~1000x off
+    (benchmarks/repros/xnnpack_weight_only_int8.py; no upstream issue found). The serializer and runtime
+    already handle the pair: ``op_linear`` writes an fp32 input, a qcint8 filter with its per-channel scales
+    and an fp32 output, which XNNPACK runs with its f32 x qc8w kernels. This config only adds the partition
+    rule; tests/test_export_executorch.py compares such a .pte with eager, and the repro test notices an
+    upstream fix. No bias: ``QuantParams.from_bias`` refuses a float bias here (``_int8_weight_only`` splits
+    biases off)."""
+    from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
+    from executorch.backends.xnnpack.utils.quant_utils import (
+        is_dequant,
+        is_per_channel,
+        tag_as_implicit_q_dq,
+    )
+    from executorch.backends.xnnpack.utils.utils import get_input_node, is_param_node
+
+    class WeightOnlyInt8LinearConfig(LinearConfig):
+        def get_deps(self, node, ep):
+            weight, act = get_input_node(node, self.weight_idx), get_input_node(node, self.act_idx)
+            if not is_dequant(weight) or is_dequant(act):
+                return super().get_deps(node, ep)
+            data = get_input_node(weight, 0)
+            if (len(node.all_input_nodes) > 2 or not is_param_node(ep, data) or not is_per_channel(weight)
+                    or data.meta["val"].dtype.itemsize != 1):
+                return False, []
+            deps = [weight, data, *weight.all_input_nodes[1:3]]
+            tag_as_implicit_q_dq(weight)
+            return True, deps
+
+    return WeightOnlyInt8LinearConfig
+
+
+def _xnnpack_partitioners(quantized: bool, extended_ops: bool, weight_only: bool = False) -> list:
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import (
+        ConfigPrecisionType,
+    )
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackPartitioner,
+    )
+
+    if weight_only:
+        cfg = _weight_only_linear_config()
+        configs = [cfg if c is LinearConfig else c for c in ALL_PARTITIONER_CONFIGS]
+        return [XnnpackPartitioner(configs=configs)]
 
     # One partitioner for every precision (its default): ExecuTorch's export_llama passes a dynamically
     # quantized one and then a float one, but to_edge_transform_and_lower re-traces the whole program
@@ -251,11 +522,20 @@ def export_executorch(job) -> dict:
     last_only = rec.xnnpack.prefill_logits == "last"
     dec.last_logits_only = last_only
     t0 = time.perf_counter()
+    calib = None
+    if q.head_calibration or q.layers_calibration or q.smooth_alpha:
+        from ..train.format import PromptFormat
+        from .calibrate import calibrate
+
+        job.progress("calibration (linear inputs on the LaMP sample's training examples)")
+        calib = calibrate(job.model, job.base_dir, PromptFormat.from_dict(job.prompt_format),
+                          layers=bool(q.layers_calibration or q.smooth_alpha))
     job.progress(f"quantizing ({q.scheme})" if quantized else "float32 (no quantization)")
-    applied = quantize(dec, rec)
+    applied = quantize(dec, rec, calib)
+    del calib
     t_quant = time.perf_counter() - t0
     job.progress("torch.export + XNNPACK lowering")
-    partitioners = _xnnpack_partitioners(quantized, rec.xnnpack.extended_ops)
+    partitioners = _xnnpack_partitioners(quantized, rec.xnnpack.extended_ops, weight_only=q.scheme == "int8wo" or q.head_bits == 8)
     example, dyn = cache.example_inputs(dec, min(2, rec.prefill_len)), cache.dynamic_shapes(rec.prefill_len)
     if dec.lora_names:   # base package: LoRA A/B as method inputs after tokens/input_pos (static shapes, fixed rank)
         from .lora import example_tensors

@@ -72,13 +72,17 @@ class Quantization:
     # float model: a base already on the grid (Q4_1-derived) stays exact, an off-grid (LoRA-merged) one gains
     layers_calibration: str | None = field(default=None, metadata={"choices": (None, "gptq")})
     hot_rows: int = 0
+    # ExecuTorch 8da4w / 8da8w: SmoothQuant (Xiao et al. 2022) migration strength. Each linear's input is divided
+    # by s = max|x|^a / max|w|^(1-a) per input channel (calibration text as above) and its weight columns
+    # multiplied by s, so outlier channels survive per-token int8 activations; with a 4-bit grid s is constant
+    # over each group (the grid stays exact). None: off
+    smooth_alpha: float | None = None
 
     def __post_init__(self):
         if self.head_bits is not None and self.head_bits not in (4, 8):
             raise ValueError(f"quantization.head_bits: {self.head_bits!r} is not allowed; allowed: 4, 8")
-        if self.head_calibration and (self.head_bits != 4 or self.head_grid != "asymmetric"):
-            raise ValueError("quantization.head_calibration: gptq needs head_bits: 4 and head_grid: asymmetric "
-                             f"(got head_bits {self.head_bits!r}, head_grid {self.head_grid!r})")
+        if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:
+            raise ValueError(f"quantization.smooth_alpha: {self.smooth_alpha!r} is not allowed; allowed: 0 < a < 1")
         if self.hot_rows < 0:
             raise ValueError(f"quantization.hot_rows: {self.hot_rows!r} is not allowed; allowed: 0 or more rows")
         bad = [k for k in self.eight_bit if k not in ("down_proj",)]
@@ -171,6 +175,28 @@ class Recipe:
         if self.quantization.scheme not in allowed:
             raise ValueError(f"quantization.scheme: {self.quantization.scheme!r} is not allowed for format "
                              f"{self.format!r}; allowed: {', '.join(allowed)}")
+        q = self.quantization
+        if self.format == "executorch":
+            if q.head_calibration and not (q.scheme == "int8wo" or q.head_bits == 8):
+                raise ValueError("quantization.head_calibration: gptq needs scheme int8wo or head_bits: 8 (an int8 "
+                                 f"weight-only lm_head) for format executorch (got {q.scheme!r}, head_bits "
+                                 f"{q.head_bits!r})")
+            if q.layers_calibration and q.scheme != "int8wo":
+                raise ValueError("quantization.layers_calibration: gptq needs scheme int8wo for format executorch "
+                                 f"(got {q.scheme!r})")
+            if q.hot_rows:
+                raise ValueError("quantization.hot_rows is an ONNX option (format executorch has no hot-row head)")
+            if q.grid not in (None, "symmetric") and not (q.scheme == "8da4w" and q.grid == "min-scale"):
+                raise ValueError(f"quantization.grid: {q.grid!r} is not allowed for format executorch scheme "
+                                 f"{q.scheme!r}; allowed: symmetric, or min-scale with 8da4w")
+            if q.smooth_alpha is not None and q.scheme not in ("8da4w", "8da8w"):
+                raise ValueError("quantization.smooth_alpha needs dynamic int8 activations (scheme 8da4w or 8da8w), "
+                                 f"got {q.scheme!r}")
+        elif q.smooth_alpha is not None:
+            raise ValueError("quantization.smooth_alpha is an ExecuTorch option (schemes 8da4w / 8da8w)")
+        elif q.head_calibration and (q.head_bits != 4 or q.head_grid != "asymmetric"):
+            raise ValueError("quantization.head_calibration: gptq needs head_bits: 4 and head_grid: asymmetric "
+                             f"(got head_bits {q.head_bits!r}, head_grid {q.head_grid!r})")
         # The format's backend section always exists after loading, with its defaults.
         if self.format == "onnx" and self.onnx is None:
             self.onnx = OnnxOptions()
