@@ -163,6 +163,25 @@ def ours(base, adapter, recipe: str, work: Path, seqs):
     return logits, files_bytes(model_files), man.get("quantization_applied", {})
 
 
+def prebuilt(art: Path, base: Path, adapter: Path | None, seqs):
+    """An artifact exported before (``cdcda export``), measured as is: refused unless its manifest names the
+    same base (and adapter) content hash as this run's reference."""
+    from cdcda_export.errors import UserError
+    from cdcda_export.export.api import sha256_dir
+
+    man = json.loads((art / "manifest.json").read_text())
+    want = (sha256_dir(base), sha256_dir(adapter) if adapter is not None else None)
+    got = (man["base_model"]["sha256"], (man.get("adapter") or {}).get("sha256"))
+    if got != want:
+        raise UserError(f"{art}: exported from base/adapter {got}, this run measures {want}", file=str(art),
+                        hint="export it from the same --base/--adapter, or leave it out of --artifacts")
+    model_files = [art / n for n in man["files"] if n.startswith("model")]
+    recipe = man["recipe"]
+    name = recipe.get("name") if isinstance(recipe, dict) else str(recipe)
+    fmt = man["format"]
+    return f"{fmt}/{name}", artifact_logits(art, seqs), files_bytes(model_files), man.get("quantization_applied", {})
+
+
 def genai_builder(base, adapter, acc: int, work: Path, seqs):
     from cdcda_export.export.api import export
 
@@ -321,6 +340,8 @@ def main() -> int:
     ap.add_argument("--adapter", type=Path, default=None, help="a `cdcda train` adapter: measure the merged model")
     ap.add_argument("--ours", default="onnx/int8,onnx/int8-fast,onnx/int4,onnx/int4-compact,executorch/xnnpack-8da8w",
                     help="our recipes (comma list)")
+    ap.add_argument("--artifacts", default="", help="comma list of artifact dirs exported before (same base and "
+                    "adapter, checked by content hash), measured as our rows without re-exporting")
     ap.add_argument("--peers", default="llamacpp,ortgenai,torchao-8da4w", help="comma list: llamacpp, ortgenai, torchao-8da4w")
     ap.add_argument("--name", default=None, help="results/quality_<name>.*")
     args = ap.parse_args()
@@ -356,7 +377,10 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - one failing variant is reported, the others still run
             notes.append(f"ours-{recipe} failed: {type(e).__name__}: {str(e)[:300]}")
             log(notes[-1])
-    peers = set(args.peers.split(","))
+    for art in [Path(a) for a in args.artifacts.split(",") if a]:
+        rid, logits, nbytes, qa = prebuilt(art, base, args.adapter, seqs)
+        add(f"ours-{rid}", "cdcda", qa.get("scheme", ""), logits, nbytes, {"artifact": str(art)})
+    peers = {p for p in args.peers.split(",") if p}
     if "llamacpp" in peers:
         try:
             hf = merged_hf_dir(model, base, work)

@@ -385,3 +385,24 @@ def test_symbolic_view_pass_lets_xnnpack_take_dynamic_reshapes():
     assert outside_fixed == 0 and n_fixed == 1
     out = edge.exported_program().module()(x)
     assert torch.allclose(out, M()(x), atol=1e-6)
+
+
+def test_split_projections_share_their_sibling_calibration_statistics():
+    """A fused HF qkv_proj / gate_up_proj (Phi-3) is split by the export decoder; only the first part's weight
+    matches the calibration key, so k/v (and up) take q's (gate's) statistics: they read the same input."""
+    import torch
+
+    from cdcda_export.export.calibrate import weight_key
+    from cdcda_export.export.executorch import _sibling_stat
+
+    torch.manual_seed(0)
+    attn = torch.nn.Module()
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        setattr(attn, n, torch.nn.Linear(16, 16, bias=False))
+    root = torch.nn.Module()
+    root.self_attn = attn
+    mods = dict(root.named_modules())
+    stats = {weight_key(attn.q_proj.weight.detach().T.numpy()): "q-input"}
+    lookup = lambda w_kn: stats.get(weight_key(w_kn))  # noqa: E731
+    assert [_sibling_stat(lookup, mods, f"self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj", "o_proj")] == [
+        "q-input", "q-input", "q-input", None]

@@ -132,6 +132,24 @@ def quantize(dec, recipe, calib=None) -> dict:
             "quantized_linears": n_lin, "linears": len(linears), "quantized_embeddings": n_emb, **calibrated}
 
 
+# Projections that read the same input as a sibling: a model with fused qkv_proj / gate_up_proj (Phi-3) is split
+# by the export decoder, and only the first part's weight matches the calibration key of the fused HF linear.
+_SAME_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
+
+def _sibling_stat(lookup, mods: dict, name: str):
+    """A calibration statistic (``Calibration.hessian_for`` / ``absmax_for``) of linear ``name``, else of the
+    sibling projection that reads the same input (``_SAME_INPUT``)."""
+    w = mods[name].weight.detach().float()
+    stat = lookup(w.T.numpy())
+    parent, _, leaf = name.rpartition(".")
+    if stat is None and leaf in _SAME_INPUT:
+        sib = mods.get(f"{parent}.{_SAME_INPUT[leaf]}" if parent else _SAME_INPUT[leaf])
+        if sib is not None and sib.weight.shape[1] == w.shape[1]:
+            stat = lookup(sib.weight.detach().float().T.numpy())
+    return stat
+
+
 def _dynamic_activation(dec, q, calib, config: str, group: int) -> dict:
     """8da4w / 8da8w linears (torchao ``Int8DynamicActivationIntxWeightConfig``: int8 per-token activations),
     with the recipe's options, in place:
@@ -165,13 +183,15 @@ def _dynamic_activation(dec, q, calib, config: str, group: int) -> dict:
     mods = dict(dec.named_modules())
     names = [n for n, m in mods.items() if isinstance(m, torch.nn.Linear) and not (head_int8 and m is dec.lm_head)]
     facts = {"smoothed": 0, "min_scale_grid": 0, "grid_max_abs_err": 0.0, "grid_max_rel_err": 0.0}
+    # looked up before any weight changes (the keys are weight contents)
+    amaxes = {n: _sibling_stat(calib.absmax_for, mods, n) for n in names} if q.smooth_alpha else {}
     for name in names:
         lin = mods[name]
         w = lin.weight.detach().float()
         n, k = w.shape
         inv = None
         if q.smooth_alpha:
-            amax = calib.absmax_for(w.T.numpy())
+            amax = amaxes[name]
             if amax is None and lin is dec.lm_head:
                 amax = calib.hidden.abs().amax(0)
             if amax is None:
@@ -282,6 +302,8 @@ def _int8_weight_only(dec, q, calib, only=None) -> dict:
              and (only is None or any(m is o for o in only))]
     mods = dict(dec.named_modules())
     counts = {"gptq": 0, "round_to_nearest": 0}
+    hessians = ({n: _sibling_stat(calib.hessian_for, mods, n) for n in names}
+                if calib is not None and q.layers_calibration == "gptq" else {})
     for name in names:
         lin = mods[name]
         w = lin.weight.detach().float()
@@ -291,7 +313,7 @@ def _int8_weight_only(dec, q, calib, only=None) -> dict:
         if calib is not None and is_head and q.head_calibration == "gptq":
             hess = calib.hidden.T.double() @ calib.hidden.double() / max(1, calib.hidden.shape[0])
         elif calib is not None and not is_head and q.layers_calibration == "gptq":
-            hess = calib.hessian_for(w.T.numpy())
+            hess = hessians.get(name)
         if hess is not None:
             qu, scale, zp = gptq(w, None, k, 8, scale_dtype="float32", grid="symmetric", hessian=hess)
             counts["gptq"] += 1
