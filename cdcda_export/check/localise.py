@@ -212,10 +212,13 @@ def _mirror_states(ref, manifest: dict, ids: list[int], cont: list[int]) -> tupl
                                 untie_lm_head=quantized)
     info = {"mirror_quantization": "none"}
     if quantized and manifest.get("format") == "executorch":
-        from ..export.executorch import quantize
+        from ..export.executorch import calibration_for, quantize
         from ..export.recipe import recipe_from_dict
 
-        info["mirror_quantization"] = quantize(dec, recipe_from_dict(resolved))
+        rec = recipe_from_dict(resolved)
+        # GPTQ / SmoothQuant recipes: the same calibration as the export (float model, shipped LaMP sample)
+        calib = calibration_for(rec.quantization, ref.model, ref.base_dir, (manifest.get("io") or {}).get("prompt_format"))
+        info["mirror_quantization"] = quantize(dec, rec, calib)
     elif quantized:
         info["mirror_quantization"] = f"not reproduced for {manifest.get('format')} ({scheme}): float mirror"
     sp = dec.spec

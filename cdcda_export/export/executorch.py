@@ -65,6 +65,23 @@ def _check_group_size(shapes: dict[str, tuple[int, int]], group: int, what: str)
                         expected=f"a divisor of every input width {dims}: one of {ok or 'none; use 0 (per channel)'}")
 
 
+def needs_calibration(q) -> bool:
+    return bool(q.head_calibration or q.layers_calibration or q.smooth_alpha)
+
+
+def calibration_for(q, model, base_dir, prompt_format: dict | None):
+    """The calibration inputs recipe quantization ``q`` asks for (GPTQ, SmoothQuant), from the (merged) HF
+    ``model`` on the shipped LaMP sample in ``prompt_format`` (``io.prompt_format``); None when it asks for
+    none. The exporter and the fidelity check's eager mirror both call this, so they round alike."""
+    if not needs_calibration(q):
+        return None
+    from ..train.format import PromptFormat
+    from .calibrate import calibrate
+
+    return calibrate(model, base_dir, PromptFormat.from_dict(prompt_format),
+                     layers=bool(q.layers_calibration or q.smooth_alpha))
+
+
 def quantize(dec, recipe, calib=None) -> dict:
     """Quantize the decoder in place with ExecuTorch's torchao recipe (int8wo: :func:`_int8_weight_only`, with
     ``calib`` from :func:`.calibrate.calibrate` when the recipe asks for GPTQ); returns what was applied."""
@@ -544,14 +561,9 @@ def export_executorch(job) -> dict:
     last_only = rec.xnnpack.prefill_logits == "last"
     dec.last_logits_only = last_only
     t0 = time.perf_counter()
-    calib = None
-    if q.head_calibration or q.layers_calibration or q.smooth_alpha:
-        from ..train.format import PromptFormat
-        from .calibrate import calibrate
-
+    if needs_calibration(q):
         job.progress("calibration (linear inputs on the LaMP sample's training examples)")
-        calib = calibrate(job.model, job.base_dir, PromptFormat.from_dict(job.prompt_format),
-                          layers=bool(q.layers_calibration or q.smooth_alpha))
+    calib = calibration_for(q, job.model, job.base_dir, job.prompt_format)
     job.progress(f"quantizing ({q.scheme})" if quantized else "float32 (no quantization)")
     applied = quantize(dec, rec, calib)
     del calib
