@@ -126,13 +126,11 @@ def quantize(dec, recipe, calib=None) -> dict:
     calibrated = {}
     if linear == "8w":   # int8wo: our rounding (GPTQ when calibrated), torchao's weight-only tensor, own lowering
         calibrated = _int8_weight_only(dec, q, calib)
-        linear = None
     elif linear in ("8da4w", "8da8w") and (q.grid == "min-scale" or q.smooth_alpha or q.head_bits == 8):
         calibrated = _dynamic_activation(dec, q, calib, linear, lin_group)
-        linear = None
-    quantize_model_(dec, qlinear_config=linear, qlinear_group_size=lin_group,
+    # linears done above are left to quantize_model_ only for the embedding table
+    quantize_model_(dec, qlinear_config=None if calibrated else linear, qlinear_group_size=lin_group,
                     qembedding_config=embedding, qembedding_group_size=emb_group)
-    linear = applied["linear_config"]
 
     def is_quantized(m) -> bool:  # torchao swaps the weight for a quantized tensor subclass
         return type(m.weight) is not torch.nn.Parameter and type(m.weight) is not torch.Tensor
@@ -152,6 +150,11 @@ def quantize(dec, recipe, calib=None) -> dict:
 # Projections that read the same input as a sibling: a model with fused qkv_proj / gate_up_proj (Phi-3) is split
 # by the export decoder, and only the first part's weight matches the calibration key of the fused HF linear.
 _SAME_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
+
+def _replace_module(dec, mods: dict, name: str, module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(mods[parent] if parent else dec, leaf, module)
 
 
 def _sibling_stat(lookup, mods: dict, name: str):
@@ -251,8 +254,7 @@ def _dynamic_activation(dec, q, calib, config: str, group: int) -> dict:
                 lin.weight.copy_(w)
             quantize_(lin, tconf)
         if inv is not None or bias is not None or offset is not None:
-            parent, _, leaf = name.rpartition(".")
-            setattr(mods[parent] if parent else dec, leaf, _wrapped_linear_class()(lin, inv, bias, offset, group))
+            _replace_module(dec, mods, name, _wrapped_linear_class()(lin, inv, bias, offset, group))
     out = {"smooth_alpha": q.smooth_alpha, "grid": q.grid or "symmetric", **facts}
     if head_int8:
         out["lm_head"] = _int8_weight_only(dec, q, calib, only=[dec.lm_head])
@@ -265,7 +267,8 @@ def _wrapped_linear_class():
 
     class WrappedLinear(torch.nn.Module):
         """``linear(x / s) [+ offset(block_sum(x / s))] [+ bias]``: SmoothQuant's input scaling, a min-scale
-        grid's per-group offset, and the bias, outside the quantized linear (see ``_dynamic_activation``)."""
+        grid's per-group offset, and the bias, outside the quantized linear (see ``_dynamic_activation``; an
+        int8wo linear with a bias keeps only the bias here, ``_int8_weight_only``)."""
 
         def __init__(self, linear, inv, bias, offset, group):
             super().__init__()
@@ -318,6 +321,8 @@ def _int8_weight_only(dec, q, calib, only=None) -> dict:
     names = [n for n, m in dec.named_modules() if isinstance(m, torch.nn.Linear)
              and (only is None or any(m is o for o in only))]
     mods = dict(dec.named_modules())
+    if calib is None and (q.head_calibration or q.layers_calibration):
+        raise RuntimeError("int8wo: calibration was asked for but no calibration inputs were given")
     counts = {"gptq": 0, "round_to_nearest": 0}
     hessians = ({n: _sibling_stat(calib.hessian_for, mods, n) for n in names}
                 if calib is not None and q.layers_calibration == "gptq" else {})
@@ -325,14 +330,11 @@ def _int8_weight_only(dec, q, calib, only=None) -> dict:
         lin = mods[name]
         w = lin.weight.detach().float()
         k = w.shape[1]
-        is_head = lin is dec.lm_head
-        hess = None
-        if calib is not None and is_head and q.head_calibration == "gptq":
-            hess = calib.hidden.T.double() @ calib.hidden.double() / max(1, calib.hidden.shape[0])
-        elif calib is not None and not is_head and q.layers_calibration == "gptq":
-            hess = hessians.get(name)
-        if hess is not None:
-            qu, scale, zp = gptq(w, None, k, 8, scale_dtype="float32", grid="symmetric", hessian=hess)
+        head_gptq = lin is dec.lm_head and q.head_calibration == "gptq"
+        hess = hessians.get(name) if lin is not dec.lm_head else None
+        if head_gptq or hess is not None:   # the head: its inputs (hidden states); a layer: its input Hessian
+            qu, scale, zp = gptq(w, calib.hidden if head_gptq else None, k, 8, scale_dtype="float32",
+                                 grid="symmetric", hessian=hess)
             counts["gptq"] += 1
         else:
             scale, zp = block_grid(w, k, 8, "float32", "symmetric")
@@ -346,34 +348,9 @@ def _int8_weight_only(dec, q, calib, only=None) -> dict:
             t.qdata.copy_((qu.to(torch.int16) - 128).to(torch.int8).reshape(t.qdata.shape))
             t.scale.copy_(scale.reshape(t.scale.shape).to(t.scale.dtype))
             t.zero_point.zero_()
-        if bias is not None:
-            parent, _, leaf = name.rpartition(".")
-            setattr(mods[parent] if parent else dec, leaf, _bias_after_class()(lin, bias.detach()))
-    if calib is None and (q.head_calibration or q.layers_calibration):
-        raise RuntimeError("int8wo: calibration was asked for but no calibration inputs were given")
+        if bias is not None:   # the bias alone outside the linear
+            _replace_module(dec, mods, name, _wrapped_linear_class()(lin, None, bias.detach(), None, 0))
     return {"weight_rounding": counts, **({"calibration": calib.facts} if calib is not None else {})}
-
-
-@functools.cache
-def _bias_after_class():
-    import torch
-
-    class BiasAfter(torch.nn.Module):
-        """``linear(x) + bias`` with the bias outside the (weight-only quantized) linear."""
-
-        def __init__(self, linear, bias):
-            super().__init__()
-            self.linear = linear
-            self.bias = torch.nn.Parameter(bias, requires_grad=False)
-
-        @property
-        def weight(self):
-            return self.linear.weight
-
-        def forward(self, x):
-            return self.linear(x) + self.bias
-
-    return BiasAfter
 
 
 # ----------------------------------------------------------------------------- lowering
@@ -405,9 +382,7 @@ def delegation_facts(edge_program) -> dict:
 def _backend_config():
     from executorch.exir import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
-    from executorch.exir.passes.sym_shape_eval_pass import (
-        ConstraintBasedSymShapeEvalPass,
-    )
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
     # As ExecuTorch's LLMEdgeManager.to_executorch: fuse quant patterns (4-bit embedding kernels),
     # fold constants, keep graph inputs out of the planned arena, bound dynamic shapes by constraints.
@@ -434,11 +409,7 @@ def _weight_only_linear_config():
     upstream fix. No bias: ``QuantParams.from_bias`` refuses a float bias here (``_int8_weight_only`` splits
     biases off)."""
     from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
-    from executorch.backends.xnnpack.utils.quant_utils import (
-        is_dequant,
-        is_per_channel,
-        tag_as_implicit_q_dq,
-    )
+    from executorch.backends.xnnpack.utils.quant_utils import is_dequant, is_per_channel, tag_as_implicit_q_dq
     from executorch.backends.xnnpack.utils.utils import get_input_node, is_param_node
 
     class WeightOnlyInt8LinearConfig(LinearConfig):
@@ -460,12 +431,8 @@ def _weight_only_linear_config():
 def _xnnpack_partitioners(quantized: bool, extended_ops: bool, weight_only: bool = False) -> list:
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
-    from executorch.backends.xnnpack.partition.config.xnnpack_config import (
-        ConfigPrecisionType,
-    )
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-        XnnpackPartitioner,
-    )
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     if weight_only:
         cfg = _weight_only_linear_config()
@@ -569,7 +536,8 @@ def export_executorch(job) -> dict:
     del calib
     t_quant = time.perf_counter() - t0
     job.progress("torch.export + XNNPACK lowering")
-    partitioners = _xnnpack_partitioners(quantized, rec.xnnpack.extended_ops, weight_only=q.scheme == "int8wo" or q.head_bits == 8)
+    partitioners = _xnnpack_partitioners(quantized, rec.xnnpack.extended_ops,
+                                         weight_only=q.scheme == "int8wo" or q.head_bits == 8)
     example, dyn = cache.example_inputs(dec, min(2, rec.prefill_len)), cache.dynamic_shapes(rec.prefill_len)
     if dec.lora_names:   # base package: LoRA A/B as method inputs after tokens/input_pos (static shapes, fixed rank)
         from .lora import example_tensors
