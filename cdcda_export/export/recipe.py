@@ -77,8 +77,16 @@ class Quantization:
     # multiplied by s, so outlier channels survive per-token int8 activations; with a 4-bit grid s is constant
     # over each group (the grid stays exact). None: off
     smooth_alpha: float | None = None
+    # ONNX weight-only layers: low-rank error compensation (LoRC, ZeroQuant-V2, Yao et al. 2023; LQER, EoRA):
+    # after rounding, each layer matrix's error W - Q(W) gets its best rank-``error_rank`` approximation (SVD),
+    # stored as two fp16 factors beside the matmul (y = x Q(W) + (x A) B). A LoRA-merged model's personal delta
+    # is coherent (low rank) and smaller than the 4-bit step, so rounding removes most of it and this puts it
+    # back; a matrix already on its grid (relative error < 1e-3: a Q4_1-derived base) is left as is. 0: off
+    error_rank: int = 0
 
     def __post_init__(self):
+        if not 0 <= self.error_rank <= 64:
+            raise ValueError(f"quantization.error_rank: {self.error_rank!r} is not allowed; allowed: 0..64")
         if self.head_bits is not None and self.head_bits not in (4, 8):
             raise ValueError(f"quantization.head_bits: {self.head_bits!r} is not allowed; allowed: 4, 8")
         if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:
@@ -176,6 +184,9 @@ class Recipe:
             raise ValueError(f"quantization.scheme: {self.quantization.scheme!r} is not allowed for format "
                              f"{self.format!r}; allowed: {', '.join(allowed)}")
         q = self.quantization
+        if q.error_rank and (self.format != "onnx" or q.scheme not in ("int4", "int8")):
+            raise ValueError("quantization.error_rank needs ONNX weight-only layers (format onnx, scheme int4 or "
+                             f"int8), got format {self.format!r} scheme {q.scheme!r}")
         if self.format == "executorch":
             if q.head_calibration and not (q.scheme == "int8wo" or q.head_bits == 8):
                 raise ValueError("quantization.head_calibration: gptq needs scheme int8wo or head_bits: 8 (an int8 "
