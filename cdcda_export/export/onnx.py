@@ -421,27 +421,22 @@ def nbits_dequant(node, inits: dict, scale_dtype: str = "float32"):
     return np.ascontiguousarray(w.reshape(n, blocks * block)[:, :k].T)
 
 
-# A matrix whose rounding error is below this fraction of its own norm (Frobenius) is on its grid: the
-# Q4_1-derived SmolLM2-135M measures 4.5e-4 - 5.3e-4 per layer matrix under min-scale (only the fp16 rounding
-# of the block scales), user 3000's LoRA-merged model 2.1e-3 - 9.7e-3. No correction is stored for it.
-ON_GRID_REL_ERR = 1e-3
-
-
 def _error_correction(proto, floats: dict, rank: int, scale_dtype: str) -> dict:
     """Low-rank error compensation (LoRC, ZeroQuant-V2; LQER; EoRA) of the quantized layer matmuls: for each
     MatMulNBits quantized from a MatMul named in ``floats`` (-> its float weight [K, N]), E = W - Q(W) is
     approximated by its best rank-``rank`` factorization (truncated SVD, torch.linalg.svd), E ~ A B with
     A = U sqrt(S) [K, r], B = sqrt(S) V^T [r, N] stored in fp16 (a Cast each, constant-folded by ONNX Runtime
     when the session loads), and the node's output y becomes y + (x A) B. Matrices on their grid
-    (:data:`ON_GRID_REL_ERR`) are skipped."""
+    (``calibrate.ON_GRID_REL_ERR``) are skipped."""
+    import re
+
     import numpy as np
-    import torch
     from onnx import TensorProto, helper, numpy_helper
+
+    from .calibrate import ON_GRID_REL_ERR, error_factors
 
     g = proto.graph
     inits = {i.name: i for i in g.initializer}
-    import re
-
     done, skipped, extra, rel_before, rel_after = 0, 0, 0, [], []
     for node in [nd for nd in g.node if nd.op_type == "MatMulNBits"]:
         name = re.sub(r"_Q\d+$", "", node.name)   # MatMulNBitsQuantizer names it <MatMul>_Q<bits>
@@ -449,19 +444,15 @@ def _error_correction(proto, floats: dict, rank: int, scale_dtype: str) -> dict:
             continue
         w = floats[name]
         wq = nbits_dequant(node, inits, scale_dtype)
-        e = torch.from_numpy(np.asarray(w, np.float32) - wq)
-        norm_w = float(np.linalg.norm(w))
-        rel = float(e.norm()) / max(norm_w, 1e-30)
-        if rel < ON_GRID_REL_ERR:
+        got = error_factors(np.asarray(w, np.float32), wq, rank)
+        if got is None:
             skipped += 1
             continue
-        u, sv, vh = torch.linalg.svd(e.double(), full_matrices=False)
-        r = min(rank, int(sv.shape[0]))
-        root = sv[:r].sqrt()
-        a = (u[:, :r] * root).float().numpy().astype(np.float16)           # [K, r]
-        b = (root[:, None] * vh[:r]).float().numpy().astype(np.float16)    # [r, N]
-        rel_before.append(rel)
-        rel_after.append(float((e - torch.from_numpy(a.astype(np.float32) @ b.astype(np.float32))).norm()) / norm_w)
+        a, b = got[0].numpy().astype(np.float16), got[1].numpy().astype(np.float16)   # [K, r], [r, N]
+        rel_before.append(got[2])
+        e = np.asarray(w, np.float64) - wq   # what the stored (fp16) factors leave
+        rel_after.append(float(np.linalg.norm(e - a.astype(np.float64) @ b.astype(np.float64)))
+                         / float(np.linalg.norm(w)))
         base = f"{name}_lorc"
         g.initializer.extend([numpy_helper.from_array(a, f"{base}.A"), numpy_helper.from_array(b, f"{base}.B")])
         x, y = node.input[0], node.output[0]

@@ -79,7 +79,7 @@ class Quantization:
     smooth_alpha: float | None = None
     # ONNX weight-only layers: low-rank error compensation (LoRC, ZeroQuant-V2, Yao et al. 2023; LQER, EoRA):
     # after rounding, each layer matrix's error W - Q(W) gets its best rank-``error_rank`` approximation (SVD),
-    # stored as two fp16 factors beside the matmul (y = x Q(W) + (x A) B). A LoRA-merged model's personal delta
+    # stored as two factors beside the matmul (y = x Q(W) + (x A) B; ONNX fp16, ExecuTorch 8da4w min-scale fp32). A LoRA-merged model's personal delta
     # is coherent (low rank) and smaller than the 4-bit step, so rounding removes most of it and this puts it
     # back; a matrix already on its grid (relative error < 1e-3: a Q4_1-derived base) is left as is. 0: off
     error_rank: int = 0
@@ -184,9 +184,11 @@ class Recipe:
             raise ValueError(f"quantization.scheme: {self.quantization.scheme!r} is not allowed for format "
                              f"{self.format!r}; allowed: {', '.join(allowed)}")
         q = self.quantization
-        if q.error_rank and (self.format != "onnx" or q.scheme not in ("int4", "int8")):
+        if q.error_rank and not ((self.format == "onnx" and q.scheme in ("int4", "int8"))
+                                 or (self.format == "executorch" and q.scheme == "8da4w" and q.grid == "min-scale")):
             raise ValueError("quantization.error_rank needs ONNX weight-only layers (format onnx, scheme int4 or "
-                             f"int8), got format {self.format!r} scheme {q.scheme!r}")
+                             "int8) or ExecuTorch 8da4w on grid: min-scale, got format "
+                             f"{self.format!r} scheme {q.scheme!r} grid {q.grid!r}")
         if self.format == "executorch":
             if q.head_calibration and not (q.scheme == "int8wo" or q.head_bits == 8):
                 raise ValueError("quantization.head_calibration: gptq needs scheme int8wo or head_bits: 8 (an int8 "
