@@ -152,3 +152,36 @@ def test_hot_rows_logits_come_from_the_8bit_table(tiny_model_dir, tiny_artifact)
         art = tiny_artifact("tiny", "onnx/int4-compact", **{"quantization.hot_rows": rows})
         errs[rows] = float(np.abs(runtime.load(art).prefill(PROMPT) - prefill_ref).mean())
     assert errs[100000] < 0.8 * errs[0], errs
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-phi3"])
+def test_layer_statistics_are_each_linears_own_input(arch, tiny_model_dir):
+    """head_inputs(layers=True): every decoder linear's Hessian X^T X / n and max |x| are those of its own
+    inputs (hooks recorded beside it; tolerance 1e-5 relative), and only linears that read the very same
+    tensor (q/k/v, gate/up) share them. Matching inputs by data_ptr() aliased gate_proj to o_proj whenever the
+    allocator reused o_proj's freed input for the post-attention norm's output."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 200, (int(n),), generator=g).tolist() for n in (9, 14, 11)]
+    seen: dict[str, list] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, []).append(
+        args[0].detach().reshape(-1, args[0].shape[-1]).float().clone()))
+        for name, m in model.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for s in seqs:
+            model.model(input_ids=torch.tensor([s]))
+    for h in hooks:
+        h.remove()
+    _, hess, absmax = cal.head_inputs(model, seqs, layers=True, layer_positions=10**6)   # every sequence
+    calib = cal.Calibration(torch.zeros(1, 1), {}, hess, absmax)
+    mods = dict(model.model.named_modules())
+    assert seen
+    for name, xs in seen.items():
+        x = torch.cat(xs)
+        w_kn = mods[name].weight.detach().T.numpy()
+        torch.testing.assert_close(calib.absmax_for(w_kn).float(), x.abs().amax(0), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(calib.hessian_for(w_kn).float(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")

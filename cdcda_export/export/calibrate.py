@@ -109,12 +109,16 @@ def head_inputs(model, seqs: list[list[int]], layers: bool = False, layer_positi
                 def hook(mod, args, key=key):
                     if not last["on"]:
                         return
-                    a = args[0].detach()
-                    sig = (a.data_ptr(), tuple(a.shape))
-                    if sig == last["input"]:        # same input as the linear just before (q/k/v, gate/up)
+                    # Same input as the linear just before (q/k/v, gate/up): the same tensor object, kept
+                    # referenced here. Comparing data_ptr() and shape aliased unrelated linears whenever the
+                    # allocator reused a freed block: gate_proj then took o_proj's statistics (its freed input
+                    # has gate's shape), nondeterministically (SmoothQuant scales of SmolLM2 layers 13/16/20
+                    # differed by up to 0.8 between two runs)
+                    if args[0] is last["input"]:
                         alias[key] = last["key"]
                         return
-                    last["input"], last["key"] = sig, key
+                    last["input"], last["key"] = args[0], key
+                    a = args[0].detach()
                     a = a.reshape(-1, a.shape[-1]).float()
                     acc = sums.setdefault(key, [torch.zeros(a.shape[1], a.shape[1]), 0, torch.zeros(a.shape[1])])
                     acc[0] += a.T @ a
