@@ -242,7 +242,7 @@ def test_min_scale_8da4w_reproduces_its_own_grid_and_lowers(tiny_artifact):
     assert q["lm_head"]["weight_rounding"] == {"gptq": 1, "round_to_nearest": 0}, q
     # random weights are off any grid: every layer linear gets its rank-8 error correction (two float linears,
     # lowered with the rest: the stray-op check below covers them)
-    assert q["error_correction"]["corrected_linears"] == n_layers and q["error_correction"]["rank"] == 8, q
+    assert q["error_correction"]["corrected"] == n_layers and q["error_correction"]["rank"] == 8, q
     # 4-bit rounding of random weights: the grid is rebuilt from the smoothed weights, error <= half a step
     assert 0 < q["grid_max_abs_err"] < 0.1, q
     d = _manifest(art)["export"]["delegation"]
@@ -348,9 +348,9 @@ def test_min_scale_error_correction_restores_a_merged_delta_and_skips_an_on_grid
     _, _, err0 = build(merged, 0)
     facts, wr, err4 = build(merged, 4)
     corr = facts["error_correction"]
-    assert corr["corrected_linears"] == 1 and corr["bytes"] == 4 * 4 * (n + k), corr
+    assert corr["corrected"] == 1 and corr["bytes"] == 4 * 4 * (n + k), corr
     assert wr.lorc_a.weight.shape == (4, k) and wr.lorc_b.weight.shape == (n, 4)
-    assert corr["rel_err_mean_after"] < corr["rel_err_mean_before"], corr
+    assert corr["rel_err_mean"]["after"] < corr["rel_err_mean"]["before"], corr
     assert err4 * 2 <= err0, (err0, err4)
 
 

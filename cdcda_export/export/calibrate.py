@@ -268,6 +268,17 @@ def hot_rows(w, x, n_rows: int, chunk: int = 256):
 ON_GRID_REL_ERR = 1e-3
 
 
+def error_correction_facts(method: str, rank: int, corrected: int, skipped: int, nbytes: int,
+                           rel_before: list[float], rel_after: list[float]) -> dict:
+    """The manifest's ``error_correction`` block, the same keys for every exporter: how many layer
+    matrices got factors, how many were on their grid, the bytes added and the mean relative weight
+    error ||W - Q(W)|| / ||W|| before and after the correction (None when nothing was corrected)."""
+    mean = (lambda v: round(sum(v) / len(v), 5) if v else None)
+    return {"method": method, "rank": rank, "corrected": corrected, "on_grid_skipped": skipped,
+            "on_grid_rel_err": ON_GRID_REL_ERR, "bytes": int(nbytes),
+            "rel_err_mean": {"before": mean(rel_before), "after": mean(rel_after)}}
+
+
 def error_factors(w, wq, rank: int, floor: float = ON_GRID_REL_ERR):
     """Low-rank error compensation (LoRC, ZeroQuant-V2, Yao et al. 2023; LQER; EoRA): the best rank-``rank``
     factorization of the rounding error E = w - wq (truncated SVD, torch.linalg.svd), as A = U sqrt(S) [rows, r]

@@ -194,7 +194,7 @@ def _dynamic_activation(dec, q, calib, config: str, group: int) -> dict:
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
 
-    from .calibrate import ON_GRID_REL_ERR, block_grid, dequant, error_factors, rtn
+    from .calibrate import ON_GRID_REL_ERR, block_grid, dequant, error_correction_facts, error_factors, rtn
 
     bits = 4 if config == "8da4w" else 8
     gran = PerGroup(group) if group else PerAxis(0)
@@ -207,8 +207,7 @@ def _dynamic_activation(dec, q, calib, config: str, group: int) -> dict:
     mods = dict(dec.named_modules())
     names = [n for n, m in mods.items() if isinstance(m, torch.nn.Linear) and not (head_int8 and m is dec.lm_head)]
     facts = {"smoothed": 0, "min_scale_grid": 0, "grid_max_abs_err": 0.0, "grid_max_rel_err": 0.0}
-    corr = {"rank": q.error_rank, "corrected_linears": 0, "on_grid_skipped": 0, "on_grid_rel_err": ON_GRID_REL_ERR,
-            "bytes": 0, "rel_err_before": [], "rel_err_after": []}
+    corr = {"corrected": 0, "on_grid_skipped": 0, "bytes": 0, "rel_err_before": [], "rel_err_after": []}
     # looked up before any weight changes (the keys are weight contents)
     amaxes = {n: _sibling_stat(calib.absmax_for, mods, n) for n in names} if q.smooth_alpha else {}
     for name in names:
@@ -259,7 +258,7 @@ def _dynamic_activation(dec, q, calib, config: str, group: int) -> dict:
                     corr["on_grid_skipped"] += 1
                 else:
                     lorc = got[:2]
-                    corr["corrected_linears"] += 1
+                    corr["corrected"] += 1
                     corr["bytes"] += 4 * (got[0].numel() + got[1].numel())
                     corr["rel_err_before"].append(got[2])
                     corr["rel_err_after"].append(got[3])
@@ -277,10 +276,9 @@ def _dynamic_activation(dec, q, calib, config: str, group: int) -> dict:
             _replace_module(dec, mods, name, _wrapped_linear_class()(lin, inv, bias, offset, group, lorc))
     out = {"smooth_alpha": q.smooth_alpha, "grid": q.grid or "symmetric", **facts}
     if q.error_rank:
-        for key in ("rel_err_before", "rel_err_after"):
-            vals = corr.pop(key)
-            corr[key.replace("rel_err_", "rel_err_mean_")] = round(sum(vals) / len(vals), 5) if vals else None
-        out["error_correction"] = corr
+        out["error_correction"] = error_correction_facts(
+            "low-rank error compensation (truncated SVD of W - Q(W), fp32 factor linears)", q.error_rank,
+            corr["corrected"], corr["on_grid_skipped"], corr["bytes"], corr["rel_err_before"], corr["rel_err_after"])
     if head_int8:
         out["lm_head"] = _int8_weight_only(dec, q, calib, only=[dec.lm_head])
     return out

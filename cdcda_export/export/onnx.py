@@ -433,7 +433,7 @@ def _error_correction(proto, floats: dict, rank: int, scale_dtype: str) -> dict:
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from .calibrate import ON_GRID_REL_ERR, error_factors
+    from .calibrate import error_correction_facts, error_factors
 
     g = proto.graph
     inits = {i.name: i for i in g.initializer}
@@ -471,12 +471,8 @@ def _error_correction(proto, floats: dict, rank: int, scale_dtype: str) -> dict:
     if not done + skipped:
         raise RuntimeError("quantization.error_rank: no MatMulNBits matched a layer MatMul (quantizer naming "
                            f"changed?); float weights for {sorted(floats)[:3]}...")
-    facts = {"method": "low-rank error compensation (truncated SVD of W - Q(W), fp16 factors)", "rank": rank,
-             "corrected_matmuls": done, "on_grid_skipped": skipped, "on_grid_rel_err": ON_GRID_REL_ERR,
-             "bytes": int(extra)}
-    if rel_before:
-        facts["rel_err_mean"] = {"before": round(float(np.mean(rel_before)), 5),
-                                 "after": round(float(np.mean(rel_after)), 5)}
+    facts = error_correction_facts("low-rank error compensation (truncated SVD of W - Q(W), fp16 factors)", rank,
+                                   done, skipped, extra, rel_before, rel_after)
     return facts
 
 
