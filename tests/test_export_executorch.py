@@ -475,3 +475,39 @@ def test_check_localiser_mirrors_a_calibrated_int8_artifact(tiny_artifact):
     mq = div["mirror_quantization"]
     assert mq["weight_rounding"] == {"gptq": mq["linears"], "round_to_nearest": 0}, mq
     assert div["artifact_vs_mirror_max_abs_logit_err"] <= 5e-3, div
+
+
+def test_int8_embedding_reproduces_a_q8_0_table_and_keeps_the_better_grid():
+    """An int8 embedding table on llama.cpp's Q8_0 grid (int8 q * an fp16 scale per 32; SmolLM2's token_embd)
+    comes back exactly (tolerance 0: every value is q * scale in fp32) at group 32, where torchao's own rounding
+    (HQQ scales) does not. Per row, the grid with the lower error is kept and named in the facts."""
+    import torch
+
+    from cdcda_export.export.executorch import quantize
+    from cdcda_export.export.recipe import Quantization, Recipe
+
+    torch.manual_seed(0)
+    rows, dim, g = 64, 96, 32
+    q = torch.randint(-127, 128, (rows, dim))
+    q[:, ::g] = 127                                                    # each block reaches its max
+    scale = (torch.rand(rows, dim // g) * 0.01 + 0.001).half().float()
+    table = q.float() * scale.repeat_interleave(g, 1)
+
+    class Dec(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = torch.nn.Embedding(rows, dim)
+            with torch.no_grad():
+                self.embed_tokens.weight.copy_(table)
+
+    for group in (32, 0):
+        dec = Dec()
+        rec = Recipe(format="executorch", name="t", quantization=Quantization(
+            scheme="int8wo", bits=8, layers="none", embeddings="int8", embedding_group_size=group or None))
+        facts = quantize(dec, rec)["embedding_grid"]
+        back = dec.embed_tokens(torch.arange(rows)).detach()
+        err = float((back - table).norm() / table.norm())
+        assert abs(err - facts["rel_err"]) < 1e-6, (err, facts)
+        assert facts["rel_err"] <= facts["rel_err_torchao"], facts
+        if group == 32:
+            assert err == 0.0 and facts["rel_err_torchao"] > 1e-4 and facts["grid"].startswith("symmetric"), facts
