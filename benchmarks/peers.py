@@ -34,7 +34,7 @@ GENAI = "+genai"   # variant id suffix: our ONNX artifact run by `cdcda bench --
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
-from _peers import base_model, llamacpp, optimum_et, ortgenai, ours, report, roofline  # noqa: E402
+from _peers import base_model, et_llm, llamacpp, optimum_et, ortgenai, ours, report, roofline  # noqa: E402
 from _peers.measure import PY, measure, python_env, run_json  # noqa: E402
 from device_harness.bench_runner import CHILD_ENV  # noqa: E402
 
@@ -157,6 +157,32 @@ def prepare_variants(args, base: Path, work: Path, logs: Path) -> list[dict]:
                        "run with OMP_NUM_THREADS=1 MKL_NUM_THREADS=1, as cdcda bench runs ExecuTorch"]))
         except Exception as e:  # noqa: BLE001
             variants.append(dict(id="optimum-et-8da4w", toolchain="optimum-executorch", quant="8da4w",
+                                 format="executorch", error=f"{type(e).__name__}: {str(e)[-800:]}"))
+
+    # ExecuTorch's own LLM export (extension/llm/export): the reference for what the runtime can do
+    if want("et-llm"):
+        out = work / "et-llm" / "8da4w"
+        try:
+            if args.no_export and not (out / "model.pte").exists():
+                raise RuntimeError("its export had not finished before the measured run (--no-export)")
+            log("ExecuTorch export_llm: conversion check / export")
+            e = et_llm.export(base, out, logs / "et_llm_export.log")
+            if not e.get("ok"):
+                raise RuntimeError(e.get("error"))
+            pte = out / "model.pte"
+            variants.append(dict(
+                id="et-llm-8da4w", toolchain="ExecuTorch export_llm", quant="8da4w g32 HQQ, emb 4w g32",
+                format="executorch", path=out, bytes=pte.stat().st_size, export=e,
+                weights=roofline.pte_weight_bytes_per_token(pte, vocab=cfg["vocab_size"], hidden=cfg["hidden_size"],
+                                                            embedding_bits=4 + 32 / 32),
+                cmd=(lambda o: lambda t, pf: et_llm.worker_cmd(o, pf, args.gen_len, t))(out),
+                env=CHILD_ENV,
+                notes=["executorch 1.5.1 extension.llm.export.export_llm, " + " ".join(et_llm.OPTIONS),
+                       f"HF -> Meta checkpoint conversion checked: max |dlogit| "
+                       f"{e.get('conversion', {}).get('max_abs_logit_diff_vs_hf', float('nan')):.2g} on 24 positions",
+                       "run with OMP_NUM_THREADS=1 MKL_NUM_THREADS=1, as cdcda bench runs ExecuTorch"]))
+        except Exception as e:  # noqa: BLE001
+            variants.append(dict(id="et-llm-8da4w", toolchain="ExecuTorch export_llm", quant="8da4w",
                                  format="executorch", error=f"{type(e).__name__}: {str(e)[-800:]}"))
 
     # ours: every ExecuTorch and ONNX recipe that runs here, through the CLI
@@ -287,6 +313,10 @@ def _now() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="smollm2-135m", help="model shape from `cdcda init-model` (default smollm2-135m)")
+    ap.add_argument("--base", type=Path, default=None,
+                    help="a real HF model directory to measure instead of the random-weight --arch shape (e.g. the "
+                    "one `cdcda init-model --arch smollm2-135m-instruct` writes); speed does not depend on the weights, fidelity does, so this "
+                    "is how the recipe that passes its gate on real weights gets its speed")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--runs", type=int, default=5, help="measured runs per variant and thread count")
@@ -312,14 +342,22 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = args.threads if args.threads != ap.get_default("threads") else "2"
     args.only = [o.strip() for o in args.only.split(",") if o.strip()]
     thread_list = [int(t) for t in args.threads.split(",") if t.strip()]
-    name = args.name or f"peers_{args.arch.replace('.', '_')}"
-    work = args.work / args.arch
+    label = args.base.resolve().name if args.base else args.arch
+    name = args.name or f"peers_{label.replace('.', '_')}"
+    work = args.work / label
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
-    log(f"base model {args.arch}")
-    base = base_model.ensure_base_model(args.arch, args.work, seed=args.seed)
+    if args.base:
+        base = args.base.resolve()
+        if not (base / "config.json").is_file() or not list(base.glob("*.safetensors")):
+            raise SystemExit(f"--base {base}: expected a HF model directory (config.json + *.safetensors); "
+                             "write the real SmolLM2 with `cdcda init-model --arch smollm2-135m-instruct --out DIR`")
+        log(f"base model {base}")
+    else:
+        log(f"base model {args.arch}")
+        base = base_model.ensure_base_model(args.arch, args.work, seed=args.seed)
     variants = prepare_variants(args, base, work, logs)
 
     from device_harness.schema import make_prompt
@@ -378,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         "schema": "cdcda-peers/1",
         "name": name,
         "created_at": _now(),
-        "arch": args.arch,
+        "arch": label,
+        "weights": f"real ({base})" if args.base else f"random, the {args.arch} shape",
         "base_model": {"path": str(base), **json.loads((base / "config.json").read_text())},
         "config": {"prompt_len": args.prompt_len, "gen_len": args.gen_len, "runs": args.runs, "warmup": args.warmup,
                    "threads_tried": thread_list, "seed": args.seed, "batch": 1, "quick": args.quick,

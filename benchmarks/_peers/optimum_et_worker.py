@@ -1,6 +1,9 @@
 """optimum-executorch's .pte (XNNPACK, custom SDPA + custom KV cache) run with the ExecuTorch
 pybindings, the way ``ExecuTorchModelForCausalLM.generate`` drives it: ``forward(input_ids,
 cache_position)``, one parallel prefill call, then one call per token. Runs in optimum's own venv.
+
+``--input-pos start`` drives a .pte from ExecuTorch's own ``export_llm`` the way its runner
+(``extension/llm/runner``) does: ``forward(tokens, input_pos)`` with the start position only.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from observer import emit, now_ms, parser, read_prompt  # noqa: E402
 
 
 def main() -> int:
-    args = parser(__doc__).parse_args()
+    ap = parser(__doc__)
+    ap.add_argument("--input-pos", choices=("range", "start"), default="range",
+                    help="range: one position per token (optimum); start: the first position only (export_llm)")
+    args = ap.parse_args()
     import torch
     from executorch.extension.pybindings.portable_lib import _load_for_executorch, _unsafe_reset_threadpool
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (custom_sdpa / update_cache kernels)
@@ -30,11 +36,16 @@ def main() -> int:
     # llama_main does it in Module::load_method. One token at position 0 (overwritten by the prompt)
     # puts it in load, exactly as cdcda's ExecuTorch runner does, so TTFT is the prefill alone for both.
     m.forward((torch.tensor([[0]], dtype=torch.long), torch.tensor([0], dtype=torch.long)))
+
+    def positions(pos0: int, n: int):
+        if args.input_pos == "start":
+            return torch.tensor([pos0], dtype=torch.long)
+        return torch.arange(pos0, pos0 + n, dtype=torch.long)
     load1 = now_ms()
 
     def fwd(tokens: list[int], pos0: int) -> int:
         logits = m.forward((torch.tensor([tokens], dtype=torch.long),
-                            torch.arange(pos0, pos0 + len(tokens), dtype=torch.long)))[0]
+                            positions(pos0, len(tokens))))[0]
         last = logits[0, -1] if logits.dim() == 3 else logits[-1] if logits.dim() == 2 else logits
         return int(torch.argmax(last).item())
 

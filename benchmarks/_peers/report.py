@@ -49,8 +49,63 @@ def summarize(records: list[dict], bandwidth_gb_s: float, *, export_cost: dict |
         e = table.get("eager-fp32")
         for row in table.values():
             row["x_eager"] = (row["decode_tok_s"] / e["decode_tok_s"]) if e and e["decode_tok_s"] else None
+    exports = {r["peer"]["variant"]: r["peer"].get("export") for r in records}
     return {"bandwidth_gb_s": bandwidth_gb_s, "best_threads": best, "threads_2": at2,
-            "targets": targets(best, at2, export_cost, fp32_weight_bytes)}
+            "by_threads": {v: {str(t): row for t, row in sorted(per.items())} for v, per in by.items()},
+            "targets": targets(best, at2, export_cost, fp32_weight_bytes),
+            "executorch_targets": executorch_targets(by, exports, fp32_weight_bytes)}
+
+
+LLAMA_Q4 = ("llamacpp-Q4_0", "llamacpp-Q4_0+repack")
+ET_PEERS = ("et-llm-8da4w", "optimum-et-8da4w")
+
+
+def executorch_targets(by: dict, exports: dict, fp32_weight_bytes: int) -> list[dict]:
+    """Issue 19: at every thread count measured, our best .pte against ExecuTorch's own export,
+    optimum-executorch and llama.cpp Q4_0 (plain and repacked); thread scaling; export time."""
+    out = []
+    ours = {v: per for v, per in by.items() if per and next(iter(per.values()))["toolchain"] == "cdcda"
+            and next(iter(per.values()))["format"] == "executorch"}
+    threads = sorted({t for per in by.values() for t in per})
+    for t in threads:
+        cands = [per[t] for per in ours.values() if t in per and per[t]["decode_tok_s"]]
+        et = max(cands, key=lambda r: r["decode_tok_s"]) if cands else None
+        sfx = f" ({t} thread{'s' if t > 1 else ''})"
+        name = et and f"{et['variant']} {_f(et['decode_tok_s'])} tok/s"
+        for pv in ET_PEERS:
+            p = by.get(pv, {}).get(t)
+            r = (et["decode_tok_s"] / p["decode_tok_s"]) if et and p and p["decode_tok_s"] else None
+            out.append(_target(f"best .pte decode > {pv}{sfx}", r, 1.0,
+                               detail=f"{name} vs {p and _f(p['decode_tok_s'])} tok/s" if p else "peer not measured"))
+        for q in LLAMA_Q4:
+            p = by.get(q, {}).get(t)
+            r = (et["decode_tok_s"] / p["decode_tok_s"]) if et and p and p["decode_tok_s"] else None
+            out.append(_target(f"best .pte decode >= 1.25x {q}{sfx}", r, 1.25,
+                               detail=f"{name} vs {p and _f(p['decode_tok_s'])} tok/s" if p else "peer not measured"))
+        qs = [by[q][t] for q in LLAMA_Q4 if t in by.get(q, {}) and by[q][t]["ttft_ms"]]
+        q = min(qs, key=lambda r: r["ttft_ms"]) if qs else None
+        out.append(_target(f"best .pte TTFT <= 0.8x llama.cpp Q4_0's best{sfx}",
+                           (et["ttft_ms"] / q["ttft_ms"]) if et and q and et["ttft_ms"] else None, 0.8, higher=False,
+                           detail=f"{et and et['variant']} {et and _f(et['ttft_ms'])} ms vs {q and q['variant']} "
+                                  f"{q and _f(q['ttft_ms'])} ms"))
+    for v, per in ours.items():
+        if 1 in per and 2 in per and per[1]["decode_tok_s"] and per[2]["decode_tok_s"]:
+            out.append(_target(f"{v}: 2 threads >= 1.3x 1 thread", per[2]["decode_tok_s"] / per[1]["decode_tok_s"], 1.3,
+                               detail=f"{_f(per[2]['decode_tok_s'])} vs {_f(per[1]['decode_tok_s'])} tok/s"))
+    ref = (exports.get("et-llm-8da4w") or {}).get("seconds")
+    limit_rss = TARGET_EXPORT_RSS_X * fp32_weight_bytes / (1 << 20)
+    for v in ours:
+        x = exports.get(v) or {}
+        secs = x.get("seconds")
+        note = " (cached: the export's own timing from its manifest)" if x.get("cached") else ""
+        out.append(_target(f"{v}: export <= 0.5x ExecuTorch export_llm's time", (secs / ref) if secs and ref else None,
+                           0.5, higher=False, detail=f"{_f(secs)} s vs {_f(ref)} s{note}"))
+        out.append(_target(f"{v}: export <= {TARGET_EXPORT_S:.0f} s", secs, TARGET_EXPORT_S, higher=False,
+                           detail=f"{_f(secs)} s{note}"))
+        if x.get("peak_rss_mb"):
+            out.append(_target(f"{v}: export peak RSS <= 2x fp32 weights ({limit_rss:.0f} MiB)", x["peak_rss_mb"],
+                               limit_rss, higher=False, detail=f"{_f(x['peak_rss_mb'])} MiB"))
+    return out
 
 
 def _target(name: str, measured, required, *, higher: bool = True, detail: str = "") -> dict:
@@ -140,7 +195,8 @@ def _f(x, nd: int | None = None) -> str:
 
 
 def _order(rows: list[dict]) -> list[dict]:
-    rank = {"eager PyTorch": 0, "llama.cpp": 1, "ORT GenAI builder": 2, "optimum-executorch": 3, "cdcda": 4}
+    rank = {"eager PyTorch": 0, "llama.cpp": 1, "ORT GenAI builder": 2, "optimum-executorch": 3,
+            "ExecuTorch export_llm": 3.5, "cdcda": 4}
     return sorted(rows, key=lambda r: (rank.get(r["toolchain"], 9), r["variant"]))
 
 
@@ -165,7 +221,8 @@ def table(rows: list[dict], *, show_best: bool) -> list[str]:
 def markdown(out: dict) -> str:
     m, s, c = out["machine"], out["summary"], out["config"]
     bw = m["bandwidth"]
-    L = [f"# Peer benchmark: {out['arch']} shape ({out['created_at']})", ""]
+    L = [f"# Peer benchmark: {out['arch']} ({out['created_at']})", ""]
+    L.append(f"Weights: {out.get('weights') or 'random, the ' + out['arch'] + ' shape'}.")
     L.append(f"Machine: {m['cpu']}, {m['cores']} cores ({', '.join(m.get('isa') or [])}), "
              f"{_f(m.get('mem_gib'))} GiB, {m['os']} {m['arch']}. Memory bandwidth (1 GiB numpy copy, read+write): "
              + ", ".join(f"{k} {_f(v['gb_s_best'])} GB/s best / {_f(v['gb_s_median'])} median" for k, v in bw.items())
@@ -187,6 +244,17 @@ def markdown(out: dict) -> str:
         met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
         miss = "-" if t["missed_by"] is None else f"{t['missed_by'] * 100:.0f}%"
         L.append(f"| {t['target']} | {_f(t['measured'])} | {_f(t['required'])} | {met} | {miss} | {t['detail']} |")
+    et_t = s.get("executorch_targets") or []
+    if et_t:
+        L += ["", "## ExecuTorch at every thread count (issue 19)", ""]
+        rows = [row for v, per in (s.get("by_threads") or {}).items() for row in per.values()
+                if row["format"] == "executorch" or v in LLAMA_Q4]
+        L += table(rows, show_best=False)
+        L += ["", "| target | measured | required | met | missed by | detail |", "|---|---:|---:|:---:|---:|---|"]
+        for t in et_t:
+            met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
+            miss = "-" if t["missed_by"] is None else f"{t['missed_by'] * 100:.0f}%"
+            L.append(f"| {t['target']} | {_f(t['measured'])} | {_f(t['required'])} | {met} | {miss} | {t['detail']} |")
     if out["failures"]:
         L += ["", "## Not measured", ""]
         for f in out["failures"]:
@@ -207,7 +275,7 @@ def plot(out: dict, path: Path) -> None:
     if not rows:
         return
     colors = {"cdcda": "tab:blue", "llama.cpp": "tab:orange", "ORT GenAI builder": "tab:green",
-              "optimum-executorch": "tab:purple", "eager PyTorch": "tab:gray"}
+              "optimum-executorch": "tab:purple", "ExecuTorch export_llm": "tab:brown", "eager PyTorch": "tab:gray"}
     labels = [f"{r['variant']} ({r['threads']}T)" for r in rows]
     y = range(len(rows))
     fig, axes = plt.subplots(1, 3, figsize=(17, 0.45 * len(rows) + 2.2), sharey=True)
