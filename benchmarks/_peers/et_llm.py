@@ -18,10 +18,9 @@ import hashlib
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
-from .measure import run_child
+from .measure import timed_export
 
 MAP = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -167,15 +166,11 @@ def export(hf_dir: Path, out: Path, log: Path, *, max_seq_len: int = 512, force:
            f"base.checkpoint={tmp / 'ckpt' / 'checkpoint.pth'}", f"base.params={tmp / 'ckpt' / 'params.json'}",
            f"export.max_seq_length={max_seq_len}", f"export.max_context_length={max_seq_len}",
            f"export.output_dir={tmp}", "export.output_name=model.pte"]
-    t = time.perf_counter()
-    rc, _, maxrss_kb, hwm_kb = run_child(cmd, log=log, timeout=3600)
-    secs = time.perf_counter() - t
-    if rc != 0 or not (tmp / "model.pte").exists():
-        tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
-        return {"ok": False, "exit": rc, "error": f"export_llm exited {rc}: {tail}"}
+    res = timed_export(cmd, tmp, log, "export_llm")
+    if not res["ok"]:
+        return res
     shutil.rmtree(tmp / "ckpt")
-    info = {"ok": True, "seconds": secs, "peak_rss_mb": (hwm_kb or maxrss_kb) / 1024, "fingerprint": fp,
-            "conversion": conv, "options": OPTIONS + [f"export.max_seq_length={max_seq_len}"]}
+    info = {**res, "fingerprint": fp, "conversion": conv, "options": OPTIONS + [f"export.max_seq_length={max_seq_len}"]}
     (tmp / "export.json").write_text(json.dumps(info, indent=1))
     if out.exists():
         shutil.rmtree(out)

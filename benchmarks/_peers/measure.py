@@ -57,6 +57,20 @@ def run_child(cmd: list[str], *, env: dict | None = None, log: Path | None = Non
     return p.returncode, out, int(ru.ru_maxrss), box[0]
 
 
+def timed_export(cmd: list[str], tmp: Path, log: Path, what: str, *, timeout: float = 3600) -> dict:
+    """Run a peer's exporter writing ``tmp/model.pte``: wall seconds and the exporter's peak RSS, or the
+    error with the tail of its log."""
+    import time
+
+    t = time.perf_counter()
+    rc, _, maxrss_kb, hwm_kb = run_child(cmd, log=log, timeout=timeout)
+    secs = time.perf_counter() - t
+    if rc != 0 or not (tmp / "model.pte").exists():
+        tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
+        return {"ok": False, "exit": rc, "error": f"{what} exited {rc}: {tail}"}
+    return {"ok": True, "seconds": secs, "peak_rss_mb": (hwm_kb or maxrss_kb) / 1024}
+
+
 def measure(cmd: list[str], *, runs: int, warmup: int, env: dict | None = None, log: Path | None = None,
             timeout: float = 900.0) -> list[dict]:
     """Warm-up + measured runs of ``cmd`` (a worker printing one observer line); run records."""

@@ -9,10 +9,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from .measure import run_child
+from .measure import timed_export
 
 BENCH = Path(__file__).resolve().parents[1]
 VENV = BENCH / ".venv-optimum-et"
@@ -39,16 +38,13 @@ def export(hf_dir: Path, out: Path, log: Path, *, max_seq_len: int = 512, force:
            "--task", "text-generation", "--recipe", "xnnpack", "--use_custom_sdpa", "--use_custom_kv_cache",
            "--qlinear", "8da4w", "--qlinear_group_size", "32", "--qembedding", "4w",
            "--qembedding_group_size", "32", "--max_seq_len", str(max_seq_len), "--output_dir", str(tmp)]
-    t = time.perf_counter()
-    rc, _, maxrss_kb, hwm_kb = run_child(cmd, log=log, timeout=3600)
-    secs = time.perf_counter() - t
-    if rc != 0 or not (tmp / "model.pte").exists():
-        tail = log.read_text(errors="replace")[-600:] if log.exists() else ""
-        return {"ok": False, "exit": rc, "error": f"optimum-cli export executorch exited {rc}: {tail}"}
+    res = timed_export(cmd, tmp, log, "optimum-cli export executorch")
+    if not res["ok"]:
+        return res
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    return {"ok": True, "seconds": secs, "peak_rss_mb": (hwm_kb or maxrss_kb) / 1024}
+    return res
 
 
 def worker_cmd(out: Path, prompt_file: Path, gen_len: int, threads: int) -> list[str]:
