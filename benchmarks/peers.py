@@ -161,7 +161,7 @@ def prepare_variants(args, base: Path, work: Path, logs: Path) -> list[dict]:
 
     # ExecuTorch's own LLM export (extension/llm/export): the reference for what the runtime can do
     if want("et-llm"):
-        out = work / "et-llm" / "8da4w"
+        out = work / "et-llm" / "xnnpack"   # no "8da4w" / "int8" in the path: see et_llm.export
         try:
             if args.no_export and not (out / "model.pte").exists():
                 raise RuntimeError("its export had not finished before the measured run (--no-export)")

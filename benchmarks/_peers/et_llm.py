@@ -44,9 +44,7 @@ OPTIONS = [
     "base.model_class=smollm2",
     "model.use_kv_cache=True",
     "model.use_sdpa_with_kv_cache=True",
-    # model.dtype_override is left at its default (fp32): passed explicitly on the command line, the 8da4w
-    # export failed in torch.export (executorch 1.5.1: "dequantize_affine ... Expected: torch.int8, got:
-    # torch.float32" on a 576 x 1536 weight with block (1, 256)); without it the same export runs
+    "model.dtype_override=fp32",
     "backend.xnnpack.enabled=True",
     "backend.xnnpack.extended_ops=True",
     "quantization.qmode=8da4w",
@@ -163,15 +161,23 @@ def export(hf_dir: Path, out: Path, log: Path, *, max_seq_len: int = 512, force:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    conv = convert(hf_dir, tmp / "ckpt")
+    # executorch 1.5.1's Llama2Model (examples/models/llama/model.py) takes a checkpoint whose PATH contains
+    # "int8" or "8da4w" for a pre-quantized one and converts the model for it; ours is float, and the export
+    # then failed in torch.export ("dequantize_affine ... Expected: torch.int8, got: torch.float32", block
+    # (1, 256)). So the checkpoint goes to a path without either string.
+    ckpt = tmp / "ckpt"
+    if "int8" in str(ckpt) or "8da4w" in str(ckpt):
+        raise ValueError(f"ExecuTorch's LLM export peer: the checkpoint path {ckpt} contains 'int8' or '8da4w', "
+                         "which export_llm reads as a pre-quantized checkpoint; use another output directory")
+    conv = convert(hf_dir, ckpt)
     cmd = [sys.executable, "-m", "executorch.extension.llm.export.export_llm", *OPTIONS,
-           f"base.checkpoint={tmp / 'ckpt' / 'checkpoint.pth'}", f"base.params={tmp / 'ckpt' / 'params.json'}",
+           f"base.checkpoint={ckpt / 'checkpoint.pth'}", f"base.params={ckpt / 'params.json'}",
            f"export.max_seq_length={max_seq_len}", f"export.max_context_length={max_seq_len}",
            f"export.output_dir={tmp}", "export.output_name=model.pte"]
     res = timed_export(cmd, tmp, log, "export_llm")
     if not res["ok"]:
         return res
-    shutil.rmtree(tmp / "ckpt")
+    shutil.rmtree(ckpt)
     info = {**res, "fingerprint": fp, "conversion": conv, "options": OPTIONS + [f"export.max_seq_length={max_seq_len}"]}
     (tmp / "export.json").write_text(json.dumps(info, indent=1))
     if out.exists():
