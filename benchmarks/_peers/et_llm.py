@@ -173,11 +173,13 @@ def export(hf_dir: Path, out: Path, log: Path, *, max_seq_len: int = 512, force:
     cmd = [sys.executable, "-m", "executorch.extension.llm.export.export_llm", *OPTIONS,
            f"base.checkpoint={ckpt / 'checkpoint.pth'}", f"base.params={ckpt / 'params.json'}",
            f"export.max_seq_length={max_seq_len}", f"export.max_context_length={max_seq_len}",
-           f"export.output_dir={tmp}", "export.output_name=model.pte"]
+           # export_llm writes export.output_name relative to the working directory, not output_dir
+           f"export.output_dir={tmp}", f"export.output_name={tmp / 'model.pte'}"]
     res = timed_export(cmd, tmp, log, "export_llm")
     if not res["ok"]:
         return res
     shutil.rmtree(ckpt)
+    shutil.rmtree(tmp / "outputs", ignore_errors=True)   # hydra's run directory (logs only)
     info = {**res, "fingerprint": fp, "conversion": conv, "options": OPTIONS + [f"export.max_seq_length={max_seq_len}"]}
     (tmp / "export.json").write_text(json.dumps(info, indent=1))
     if out.exists():

@@ -33,11 +33,11 @@ def _poll_vmhwm(pid: int, box: list, stop: threading.Event) -> None:
 
 
 def run_child(cmd: list[str], *, env: dict | None = None, log: Path | None = None,
-              timeout: float = 900.0) -> tuple[int, str, int, int]:
+              timeout: float = 900.0, cwd: Path | None = None) -> tuple[int, str, int, int]:
     """(exit status, stdout, ru_maxrss kB, max VmHWM kB) of one child; stderr goes to ``log``."""
     err = open(log, "ab") if log else subprocess.DEVNULL
     try:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=cwd)
         box = [0]
         stop = threading.Event()
         th = threading.Thread(target=_poll_vmhwm, args=(p.pid, box, stop), daemon=True)
@@ -58,12 +58,14 @@ def run_child(cmd: list[str], *, env: dict | None = None, log: Path | None = Non
 
 
 def timed_export(cmd: list[str], tmp: Path, log: Path, what: str, *, timeout: float = 3600) -> dict:
-    """Run a peer's exporter writing ``tmp/model.pte``: wall seconds and the exporter's peak RSS, or the
+    """Run a peer's exporter writing ``tmp/model.pte`` (working directory ``tmp``: whatever else it writes
+    there, e.g. hydra's outputs/, goes away with it): wall seconds and the exporter's peak RSS, or the
     error with the tail of its log."""
     import time
 
+    tmp.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    rc, _, maxrss_kb, hwm_kb = run_child(cmd, log=log, timeout=timeout)
+    rc, _, maxrss_kb, hwm_kb = run_child(cmd, log=log, timeout=timeout, cwd=tmp)
     secs = time.perf_counter() - t
     if rc != 0 or not (tmp / "model.pte").exists():
         tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
