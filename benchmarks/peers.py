@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"load average after: {load_after}")
 
     export_cost = None
-    ec = args.results / f"export_cost_{args.arch.replace('.', '_')}.json"
+    ec = args.results / f"export_cost_{label.replace('.', '_')}.json"   # of this base (shape or real dir) only
     if ec.exists():
         export_cost = json.loads(ec.read_text())
     summary = report.summarize(records, bw[f"{max(2, min(thread_list))}t"]["gb_s_best"] if "2t" in bw else

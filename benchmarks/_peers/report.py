@@ -306,7 +306,8 @@ def plot(out: dict, path: Path) -> None:
     ax.set_xlabel("memory (lower is better)")
     ax.legend(loc="lower right", fontsize=8)
     m = out["machine"]
-    fig.suptitle(f"{out['arch']} shape, prompt {out['config']['prompt_len']} + {out['config']['gen_len']} new tokens, "
+    w = "real weights" if str(out.get("weights", "")).startswith("real") else "random weights"
+    fig.suptitle(f"{out['arch']} ({w}), prompt {out['config']['prompt_len']} + {out['config']['gen_len']} new tokens, "
                  f"batch 1, best thread count per runtime -- {m['cpu']}, {m['cores']} cores, load avg before "
                  f"{m['loadavg_before'][0]:.1f} / after {m['loadavg_after'][0]:.1f}; blue = ours", fontsize=10)
     fig.tight_layout()
