@@ -151,6 +151,18 @@ def quantize(dec, recipe, calib=None) -> dict:
             "quantized_linears": n_lin, "linears": len(linears), "quantized_embeddings": n_emb, **calibrated}
 
 
+def _write_grid(t, qu, scale, bits: int) -> None:
+    """Our rounding and scales in place of torchao's in its quantized tensor ``t`` (``IntxUnpackedToInt8Tensor``:
+    signed ``qdata * scale``, zero point 0): ``qu`` unsigned in [0, 2^bits - 1] around 2^(bits-1), as
+    :func:`.calibrate.rtn` / :func:`.calibrate.gptq` give it on a symmetric grid."""
+    import torch
+
+    with torch.no_grad():
+        t.qdata.copy_((qu.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8).reshape(t.qdata.shape))
+        t.scale.copy_(scale.reshape(t.scale.shape).to(t.scale.dtype))
+        t.zero_point.zero_()
+
+
 def _int8_embedding_grid(emb, w, group: int) -> dict:
     """A quantized int8 embedding table on our symmetric grid (scale = max|w| / 127 per row, or per block of
     ``group``: llama.cpp Q8_0's grid) where that reproduces ``w`` better than torchao's choice (HQQ scales in
@@ -171,10 +183,7 @@ def _int8_embedding_grid(emb, w, group: int) -> dict:
     ours = dequant(qu, scale, zp, block)
     err_theirs, err_ours = (float((x - w).norm() / w.norm()) for x in (theirs, ours))
     if err_ours < err_theirs:
-        with torch.no_grad():
-            t.qdata.copy_((qu.to(torch.int16) - 128).to(torch.int8).reshape(t.qdata.shape))
-            t.scale.copy_(scale.reshape(t.scale.shape).to(t.scale.dtype))
-            t.zero_point.zero_()
+        _write_grid(t, qu, scale, 8)
     return {"grid": "symmetric max|w|/127" if err_ours < err_theirs else "torchao (HQQ)", "group_size": group,
             "rel_err": round(min(err_ours, err_theirs), 7), "rel_err_torchao": round(err_theirs, 7)}
 
@@ -274,11 +283,7 @@ def _dynamic_activation(dec, q, calib, config: str, group: int) -> dict:
             with torch.no_grad():
                 sym.weight.copy_(sym_w)
             quantize_(sym, tconf)
-            t = sym.weight
-            with torch.no_grad():   # the exact grid (torchao's HQQ would pick other scales)
-                t.qdata.copy_((qu.to(torch.int16) - 8).to(torch.int8).reshape(t.qdata.shape))
-                t.scale.copy_(d_bf[:, ::group].reshape(t.scale.shape).to(t.scale.dtype))
-                t.zero_point.zero_()
+            _write_grid(sym.weight, qu, d_bf[:, ::group], 4)   # the exact grid (torchao's HQQ would pick other scales)
             back = sym_w + offset.repeat_interleave(group, 1)
             if q.error_rank:
                 # on grid or not: the fp32-scale grid's own rounding error (the bf16 scales and the least-squares
@@ -410,11 +415,7 @@ def _int8_weight_only(dec, q, calib, only=None) -> dict:
         bias = lin.bias
         lin.bias = None
         quantize_(lin, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)))
-        t = lin.weight
-        with torch.no_grad():   # our rounding and scales in place of torchao's (same layout: q * scale, zp 0)
-            t.qdata.copy_((qu.to(torch.int16) - 128).to(torch.int8).reshape(t.qdata.shape))
-            t.scale.copy_(scale.reshape(t.scale.shape).to(t.scale.dtype))
-            t.zero_point.zero_()
+        _write_grid(lin.weight, qu, scale, 8)
         if bias is not None:   # the bias alone outside the linear
             _replace_module(dec, mods, name, _wrapped_linear_class()(lin, None, bias.detach(), None, 0))
     return {"weight_rounding": counts, **({"calibration": calib.facts} if calib is not None else {})}

@@ -471,9 +471,8 @@ def _error_correction(proto, floats: dict, rank: int, scale_dtype: str) -> dict:
     if not done + skipped:
         raise RuntimeError("quantization.error_rank: no MatMulNBits matched a layer MatMul (quantizer naming "
                            f"changed?); float weights for {sorted(floats)[:3]}...")
-    facts = error_correction_facts("low-rank error compensation (truncated SVD of W - Q(W), fp16 factors)", rank,
-                                   done, skipped, extra, rel_before, rel_after)
-    return facts
+    return error_correction_facts("low-rank error compensation (truncated SVD of W - Q(W), fp16 factors)", rank,
+                                  done, skipped, extra, rel_before, rel_after)
 
 
 def _head_node(proto):
