@@ -36,12 +36,12 @@ def main() -> int:
     # llama_main does it in Module::load_method. One token at position 0 (overwritten by the prompt)
     # puts it in load, exactly as cdcda's ExecuTorch runner does, so TTFT is the prefill alone for both.
     m.forward((torch.tensor([[0]], dtype=torch.long), torch.tensor([0], dtype=torch.long)))
+    load1 = now_ms()
 
     def positions(pos0: int, n: int):
         if args.input_pos == "start":
             return torch.tensor([pos0], dtype=torch.long)
         return torch.arange(pos0, pos0 + n, dtype=torch.long)
-    load1 = now_ms()
 
     def fwd(tokens: list[int], pos0: int) -> int:
         logits = m.forward((torch.tensor([tokens], dtype=torch.long),

@@ -72,16 +72,11 @@ def executorch_targets(by: dict, exports: dict, fp32_weight_bytes: int) -> list[
         et = max(cands, key=lambda r: r["decode_tok_s"]) if cands else None
         sfx = f" ({t} thread{'s' if t > 1 else ''})"
         name = et and f"{et['variant']} {_f(et['decode_tok_s'])} tok/s"
-        for pv in ET_PEERS:
+        for pv, need, rel in [(p, 1.0, ">") for p in ET_PEERS] + [(q, 1.25, ">= 1.25x") for q in LLAMA_Q4]:
             p = by.get(pv, {}).get(t)
             r = (et["decode_tok_s"] / p["decode_tok_s"]) if et and p and p["decode_tok_s"] else None
-            out.append(_target(f"best .pte decode > {pv}{sfx}", r, 1.0,
-                               detail=f"{name} vs {p and _f(p['decode_tok_s'])} tok/s" if p else "peer not measured"))
-        for q in LLAMA_Q4:
-            p = by.get(q, {}).get(t)
-            r = (et["decode_tok_s"] / p["decode_tok_s"]) if et and p and p["decode_tok_s"] else None
-            out.append(_target(f"best .pte decode >= 1.25x {q}{sfx}", r, 1.25,
-                               detail=f"{name} vs {p and _f(p['decode_tok_s'])} tok/s" if p else "peer not measured"))
+            out.append(_target(f"best .pte decode {rel} {pv}{sfx}", r, need,
+                               detail=f"{name} vs {_f(p['decode_tok_s'])} tok/s" if p else "peer not measured"))
         qs = [by[q][t] for q in LLAMA_Q4 if t in by.get(q, {}) and by[q][t]["ttft_ms"]]
         q = min(qs, key=lambda r: r["ttft_ms"]) if qs else None
         out.append(_target(f"best .pte TTFT <= 0.8x llama.cpp Q4_0's best{sfx}",
@@ -218,6 +213,18 @@ def table(rows: list[dict], *, show_best: bool) -> list[str]:
     return lines
 
 
+TARGET_HEAD = ["| target | measured | required | met | missed by | detail |", "|---|---:|---:|:---:|---:|---|"]
+
+
+def _target_rows(ts: list[dict]) -> list[str]:
+    rows = []
+    for t in ts:
+        met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
+        miss = "-" if t["missed_by"] is None else f"{t['missed_by'] * 100:.0f}%"
+        rows.append(f"| {t['target']} | {_f(t['measured'])} | {_f(t['required'])} | {met} | {miss} | {t['detail']} |")
+    return rows
+
+
 def markdown(out: dict) -> str:
     m, s, c = out["machine"], out["summary"], out["config"]
     bw = m["bandwidth"]
@@ -238,23 +245,15 @@ def markdown(out: dict) -> str:
     if s["threads_2"]:
         L += ["", "## All at 2 threads", ""]
         L += table(list(s["threads_2"].values()), show_best=False)
-    L += ["", "## Targets (issue 7)", "", "| target | measured | required | met | missed by | detail |",
-          "|---|---:|---:|:---:|---:|---|"]
-    for t in s["targets"]:
-        met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
-        miss = "-" if t["missed_by"] is None else f"{t['missed_by'] * 100:.0f}%"
-        L.append(f"| {t['target']} | {_f(t['measured'])} | {_f(t['required'])} | {met} | {miss} | {t['detail']} |")
+    L += ["", "## Targets (issue 7)", "", *TARGET_HEAD]
+    L += _target_rows(s["targets"])
     et_t = s.get("executorch_targets") or []
     if et_t:
         L += ["", "## ExecuTorch at every thread count (issue 19)", ""]
         rows = [row for v, per in (s.get("by_threads") or {}).items() for row in per.values()
                 if row["format"] == "executorch" or v in LLAMA_Q4]
         L += table(rows, show_best=False)
-        L += ["", "| target | measured | required | met | missed by | detail |", "|---|---:|---:|:---:|---:|---|"]
-        for t in et_t:
-            met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
-            miss = "-" if t["missed_by"] is None else f"{t['missed_by'] * 100:.0f}%"
-            L.append(f"| {t['target']} | {_f(t['measured'])} | {_f(t['required'])} | {met} | {miss} | {t['detail']} |")
+        L += ["", *TARGET_HEAD, *_target_rows(et_t)]
     if out["failures"]:
         L += ["", "## Not measured", ""]
         for f in out["failures"]:
