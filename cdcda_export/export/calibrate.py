@@ -155,6 +155,19 @@ def calibrate(model, base_dir: Path, fmt, *, max_len: int = 192, per_user: int =
                        hessians or None, absmax or None)
 
 
+def smooth_scales(amax, w, alpha: float, group: int | None = None):
+    """SmoothQuant's per-input-channel scales (Xiao et al. 2022) of a linear with weight ``w`` [N, K] whose input
+    reaches ``amax`` [K] (max |x| on calibration text): s = max|x|^a / max|w|^(1-a), clamped to [1e-3, 1e3].
+    The linear then computes ``(x / s) @ (w * s).T``: outlier input channels shrink before the activations are
+    rounded to int8, and the weight columns grow by the same factor. ``group``: s constant over each group of
+    ``group`` input channels (its max), so a weight grid with blocks of that size along K stays exact."""
+    wmax = w.abs().amax(0).clamp(min=1e-5)
+    sm = (amax.float().clamp(min=1e-5) ** alpha / wmax ** (1 - alpha)).clamp(1e-3, 1e3)
+    if group:
+        sm = sm.reshape(-1, group).amax(-1, keepdim=True).expand(-1, group).reshape(-1)
+    return sm
+
+
 def block_grid(w, block: int, bits: int = 4, scale_dtype: str = "float16", grid: str = "asymmetric"):
     """Per-block grid of ``w`` [N, K] (blocks along K), dequantized as (q - zero point) * scale:
 

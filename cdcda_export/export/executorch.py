@@ -235,7 +235,8 @@ def _dynamic_activation(dec, q, calib, config: str, group: int) -> dict:
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
 
-    from .calibrate import ON_GRID_REL_ERR, block_grid, dequant, error_correction_facts, error_factors, rtn
+    from .calibrate import (ON_GRID_REL_ERR, block_grid, dequant, error_correction_facts, error_factors, rtn,
+                            smooth_scales)
 
     bits = 4 if config == "8da4w" else 8
     gran = PerGroup(group) if group else PerAxis(0)
@@ -262,10 +263,8 @@ def _dynamic_activation(dec, q, calib, config: str, group: int) -> dict:
                 amax = calib.hidden.abs().amax(0)
             if amax is None:
                 raise RuntimeError(f"smooth_alpha: no calibration statistics for {name}")
-            wmax = w.abs().amax(0).clamp(min=1e-5)
-            sm = (amax.float().clamp(min=1e-5) ** q.smooth_alpha / wmax ** (1 - q.smooth_alpha)).clamp(1e-3, 1e3)
-            if bits == 4 and group:   # constant over each group: a grid the base sits on stays exact
-                sm = sm.reshape(-1, group).amax(-1, keepdim=True).expand(-1, group).reshape(-1)
+            # constant over each group of a 4-bit grid: a grid the base sits on stays exact
+            sm = smooth_scales(amax, w, q.smooth_alpha, group if bits == 4 else None)
             w = w * sm[None, :]
             inv = 1.0 / sm
             facts["smoothed"] += 1
