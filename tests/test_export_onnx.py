@@ -402,3 +402,79 @@ def test_untied_model_keeps_its_own_embedding_table(recipe, tiny_model_dir, tiny
     prefill_ref, _, _ = eager_greedy(tiny_model_dir("tiny-phi3"), PROMPT, 4)
     err = float(np.abs(runtime.load(art).prefill(PROMPT) - prefill_ref).max())
     assert err < 0.5, f"{recipe} on untied tiny-phi3: max |logit err| {err:.3f} >= 0.5"
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_smoothquant_keeps_the_float_function_and_the_lora_input(fuse, tiny_model_dir):
+    """``quantization.smooth_alpha`` (onnx._smooth): every layer linear becomes Mul(x, 1/s) then the linear with
+    weight columns * s. Before any rounding that is the same function (tolerance 1e-4 relative on the logits,
+    float32 rounding of s and 1/s), with a LoRA attached as inputs too: the LoRA reads the linear's undivided
+    input, so an adapter package needs no change. The tied lm_head is left alone (the embedding reads it)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cdcda_export.export import calibrate as cal
+    from cdcda_export.export.decoder import ExportDecoder
+    from cdcda_export.export.lora import LoraLayout, attach, example_tensors
+    from cdcda_export.export.onnx import _smooth
+    from cdcda_export.export.recipe import Quantization
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("tiny-llama"), dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 200, (int(n),), generator=g).tolist() for n in (9, 14, 11)]
+    _, hess, absmax = cal.head_inputs(model, seqs, layers=True, layer_positions=10**6)
+    calib = cal.Calibration(torch.zeros(1, 1), {}, hess, absmax)
+    dec = ExportDecoder.from_hf(model, max_seq_len=32, cache="io", untie_lm_head=True, fuse_projections=fuse)
+    layout = LoraLayout(rank=4, targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    attach(dec, layout)
+    lora = [t * 30 for t in example_tensors(layout, dec.spec, seed=1, dtype="float32")]   # a visible delta
+    inputs = (*dec.cache.example_inputs(dec, 12), *lora)
+    with torch.no_grad():
+        before = dec(*inputs)[0]
+        head = dec.lm_head.weight.detach().clone()
+        facts = _smooth(dec, calib, Quantization(scheme="int8", bits=8, smooth_alpha=0.5))
+        after = dec(*inputs)[0]
+    n_layers = dec.spec.num_layers
+    assert facts["smoothed"] == n_layers * (4 if fuse else 7) and facts["alpha"] == 0.5, facts
+    assert facts["scale_spread_max"] > 1.5, facts          # the scales really vary across channels
+    assert torch.equal(dec.lm_head.weight, head)
+    rel = float((after - before).abs().max() / before.abs().max())
+    assert rel < 1e-4, rel
+    # the delta is really there: without the LoRA inputs the output differs
+    with torch.no_grad():
+        plain = dec(*dec.cache.example_inputs(dec, 12), *[torch.zeros_like(t) for t in lora])[0]
+    assert float((plain - after).abs().max()) > 1e-2
+
+
+def test_smooth_alpha_needs_int8_compute():
+    """ONNX smooth_alpha is refused where no activation is rounded to int8 (accuracy_level 0-3), and beside
+    GPTQ layers (their Hessians are taken on the undivided inputs), with the field named."""
+    from cdcda_export.errors import ValidationErrors
+    from cdcda_export.export.registry import resolve_recipe
+
+    resolve_recipe("onnx/int8-fast")   # the shipped recipe uses it
+    with pytest.raises(ValidationErrors, match="smooth_alpha needs int8 activations.*accuracy_level 0"):
+        resolve_recipe("onnx/int8", ["quantization.smooth_alpha=0.5"])
+    with pytest.raises(ValidationErrors, match="smooth_alpha and layers_calibration"):
+        resolve_recipe("onnx/int4-compact", ["quantization.smooth_alpha=0.5", "onnx.accuracy_level=4"])
+
+
+@pytest.mark.integration
+def test_int8_fast_export_records_its_smoothing(tiny_model_dir, tiny_artifact):
+    """onnx/int8-fast ships smooth_alpha 0.5: the manifest says how many linears were smoothed, the graph has
+    one Mul per layer linear in front of its MatMulNBits, and the artifact still tracks the eager model (the
+    same loose bound as the other quantized tiny artifacts: 0.5 logits on random weights)."""
+    art = tiny_artifact("tiny", "onnx/int8-fast")
+    q = json.loads((art / "manifest.json").read_text())["quantization_applied"]
+    sm = q["smoothing"]
+    assert sm["alpha"] == 0.5 and sm["smoothed"] == 4 * 2, sm      # qkv, o, gate_up, down x 2 layers
+    import onnx
+
+    g = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
+    producers = {o: n for n in g.node for o in n.output}
+    fed_by_mul = [n for n in g.node if n.op_type == "MatMulNBits" and n.input[0] in producers
+                  and producers[n.input[0]].op_type == "Mul"]
+    assert len(fed_by_mul) == 8, [n.name for n in fed_by_mul]
+    prefill_ref, _, _ = eager_greedy(tiny_model_dir("tiny"), PROMPT, 1)
+    err = float(np.abs(runtime.load(art).prefill(PROMPT) - prefill_ref).max())
+    assert err < 0.5, err

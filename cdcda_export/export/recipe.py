@@ -205,8 +205,15 @@ class Recipe:
             if q.smooth_alpha is not None and q.scheme not in ("8da4w", "8da8w"):
                 raise ValueError("quantization.smooth_alpha needs dynamic int8 activations (scheme 8da4w or 8da8w), "
                                  f"got {q.scheme!r}")
-        elif q.smooth_alpha is not None:
-            raise ValueError("quantization.smooth_alpha is an ExecuTorch option (schemes 8da4w / 8da8w)")
+        elif q.smooth_alpha is not None and not (self.format == "onnx" and q.scheme in ("int8", "int4")
+                                                 and (self.onnx is None or self.onnx.accuracy_level == 4)):
+            raise ValueError("quantization.smooth_alpha needs int8 activations: ExecuTorch 8da4w / 8da8w, or ONNX "
+                             "int8 / int4 with onnx.accuracy_level: 4 (int8 compute); got format "
+                             f"{self.format!r} scheme {q.scheme!r}"
+                             + (f" accuracy_level {self.onnx.accuracy_level}" if self.onnx is not None else ""))
+        elif q.smooth_alpha is not None and q.layers_calibration:
+            raise ValueError("quantization.smooth_alpha and layers_calibration cannot be combined for format onnx "
+                             "(GPTQ's Hessians are taken on the unsmoothed inputs)")
         elif q.head_calibration and (q.head_bits != 4 or q.head_grid != "asymmetric"):
             raise ValueError("quantization.head_calibration: gptq needs head_bits: 4 and head_grid: asymmetric "
                              f"(got head_bits {q.head_bits!r}, head_grid {q.head_grid!r})")
