@@ -185,3 +185,20 @@ def test_layer_statistics_are_each_linears_own_input(arch, tiny_model_dir):
                                    msg=lambda m, name=name: f"{name}: {m}")
         torch.testing.assert_close(calib.hessian_for(w_kn).float(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_absmax_only_calibration_reads_the_same_statistics(tiny_model_dir):
+    """SmoothQuant needs max |x| only: ``hessians=False, head=False`` runs just the sequences the layer
+    statistics read and gives the very same per-channel maxima (exact), no Hessians and no head inputs."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("tiny-llama"), dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 200, (int(n),), generator=g).tolist() for n in (9, 14, 11, 7, 12, 10)]
+    h, hess, amax = cal.head_inputs(model, seqs, layers=True, layer_positions=20)   # every 3rd sequence
+    h2, hess2, amax2 = cal.head_inputs(model, seqs, layers=True, layer_positions=20, hessians=False, head=False)
+    assert h.shape[0] == sum(len(s) for s in seqs) and h2.shape[0] == 0
+    assert hess and not hess2
+    assert amax.keys() == amax2.keys()
+    for k in amax:
+        assert torch.equal(amax[k], amax2[k])

@@ -87,12 +87,15 @@ def calibration_ids(tokenizer, fmt, max_len: int = 192, per_user: int = 8, hp=No
     return seqs
 
 
-def head_inputs(model, seqs: list[list[int]], layers: bool = False, layer_positions: int = 8192):
+def head_inputs(model, seqs: list[list[int]], layers: bool = False, layer_positions: int = 8192,
+                hessians: bool = True, head: bool = True):
     """The lm_head's input for every position of ``seqs`` (the decoder's last hidden state, after the final
     norm; float32 [positions, hidden]) and, with ``layers``, each decoder linear's input Hessian X^T X / n and
     per-channel max |x| on the float model (forward pre-hooks on every k-th sequence, about ``layer_positions`` positions in all).
     Linears called one after another on the same input (q/k/v, gate/up) share one accumulator, found under
-    each one's :func:`weight_key`."""
+    each one's :func:`weight_key`. ``hessians=False``: max |x| only (SmoothQuant needs no X^T X, the costly
+    part: a 1536 x 1536 product per down_proj call). ``head=False``: only the sequences the layer statistics
+    read are run, and no head input is kept (SmoothQuant alone: 5x less forward work on SmolLM2)."""
     import torch
 
     out = []
@@ -120,8 +123,10 @@ def head_inputs(model, seqs: list[list[int]], layers: bool = False, layer_positi
                     last["input"], last["key"] = args[0], key
                     a = args[0].detach()
                     a = a.reshape(-1, a.shape[-1]).float()
-                    acc = sums.setdefault(key, [torch.zeros(a.shape[1], a.shape[1]), 0, torch.zeros(a.shape[1])])
-                    acc[0] += a.T @ a
+                    acc = sums.setdefault(key, [torch.zeros(a.shape[1], a.shape[1]) if hessians else None, 0,
+                                                torch.zeros(a.shape[1])])
+                    if hessians:
+                        acc[0] += a.T @ a
                     acc[1] += a.shape[0]
                     acc[2] = torch.maximum(acc[2], a.abs().amax(0))
                 hooks.append(m.register_forward_pre_hook(hook))
@@ -131,27 +136,34 @@ def head_inputs(model, seqs: list[list[int]], layers: bool = False, layer_positi
         with torch.no_grad():
             for i, s in enumerate(seqs):
                 last["on"], last["input"] = bool(layers) and i % stride == 0, None
-                out.append(body(input_ids=torch.tensor([s])).last_hidden_state[0].float())
+                if not head and not last["on"]:
+                    continue
+                h = body(input_ids=torch.tensor([s])).last_hidden_state[0].float()
+                if head:
+                    out.append(h)
     finally:
         for h in hooks:
             h.remove()
-    hess = {k: v[0] / max(1, v[1]) for k, v in sums.items()}
+    hess = {k: v[0] / max(1, v[1]) for k, v in sums.items() if v[0] is not None}
     hess.update({k: hess[v] for k, v in alias.items() if v in hess})
     absmax = {k: v[2] for k, v in sums.items()}
     absmax.update({k: absmax[v] for k, v in alias.items() if v in absmax})
-    return torch.cat(out), hess, absmax
+    return (torch.cat(out) if out else torch.zeros(0, model.config.hidden_size)), hess, absmax
 
 
-def calibrate(model, base_dir: Path, fmt, *, max_len: int = 192, per_user: int = 8, layers: bool = False) -> Calibration:
+def calibrate(model, base_dir: Path, fmt, *, max_len: int = 192, per_user: int = 8, layers: bool = False,
+              hessians: bool = True, head: bool = True) -> Calibration:
+    """``layers``: per-linear statistics too (max |x|; with ``hessians``, X^T X for GPTQ); ``head``: the
+    lm_head's inputs (``Calibration.hidden``; empty without)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     seqs = calibration_ids(tok, fmt, max_len=max_len, per_user=per_user)
-    h, hessians, absmax = head_inputs(model, seqs, layers=layers)
+    h, hessians, absmax = head_inputs(model, seqs, layers=layers, hessians=hessians, head=head)
     digest = hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16]
     return Calibration(h, {"source": "shipped LaMP sample: cdcda train's training examples of every user "
                                      "(held-out pairs excluded)", "tasks": list(TASKS), "sequences": len(seqs),
-                           "positions": int(h.shape[0]), "ids_sha256": digest, "prompt_format": fmt.kind},
+                           "positions": sum(len(q) for q in seqs), "ids_sha256": digest, "prompt_format": fmt.kind},
                        hessians or None, absmax or None)
 
 

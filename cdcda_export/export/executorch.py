@@ -79,7 +79,7 @@ def calibration_for(q, model, base_dir, prompt_format: dict | None):
     from .calibrate import calibrate
 
     return calibrate(model, base_dir, PromptFormat.from_dict(prompt_format),
-                     layers=bool(q.layers_calibration or q.smooth_alpha))
+                     layers=bool(q.layers_calibration or q.smooth_alpha), hessians=bool(q.layers_calibration))
 
 
 def quantize(dec, recipe, calib=None) -> dict:

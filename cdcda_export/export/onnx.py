@@ -952,7 +952,7 @@ def _smooth(dec, calib, q) -> dict:
         n += 1
     return {"method": "SmoothQuant (Xiao et al. 2022): x / s before each layer matmul, weight columns * s",
             "alpha": q.smooth_alpha, "smoothed": n, "lm_head": "not smoothed (the tied embedding reads it)",
-            "scale_spread_max": round(max(ratios), 2) if ratios else None}
+            "scale_spread_max": round(max(ratios), 2) if ratios else None, "calibration": calib.facts}
 
 
 def _quantize(src: Path, dst: Path, recipe, work: Path, spec=None, calib=None, merged: bool = False) -> dict:
@@ -1076,7 +1076,8 @@ def export_onnx(job) -> dict:
 
         job.progress("calibration (lm_head inputs on the LaMP sample's training examples)")
         calib = calibrate(job.model, job.base_dir, PromptFormat.from_dict(job.prompt_format),
-                          layers=bool(q.layers_calibration or q.smooth_alpha))
+                          layers=bool(q.layers_calibration or q.smooth_alpha), hessians=bool(q.layers_calibration),
+                          head=bool(q.head_calibration or q.hot_rows or q.layers_calibration))
     smoothing = _smooth(dec, calib, q) if q.smooth_alpha else None
     io = {"methods": ["forward"], "engine": opts.engine, **dec.io_description()}
     final = job.out_dir / MODEL_FILE
