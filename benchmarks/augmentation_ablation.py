@@ -136,7 +136,8 @@ def run_task(name: str, base: Path, work: Path, args) -> list[dict]:
                                         filters=filt), api_key=key)
         aug_reports["lora real+teacher"] = {"kept": rep["kept_total"], "filters": rep["filters"],
                                             "replies": rep["teacher_replies"], "tokens": rep["tokens"],
-                                            "malformed": rep["malformed_replies"],
+                                            "malformed": rep["malformed_replies"], "candidates": rep["candidates"],
+                                            "requests": rep["requests"], "reasks": rep["this_run"].get("reasks", 0),
                                             "status": rep["status"], "seconds": round(time.time() - t0, 1)}
         configs.append(("lora real+teacher", tdir / "syn_teacher"))
 
@@ -220,7 +221,8 @@ def main() -> None:
         a = r.get("augment")
         if a:
             extra = (f", teacher replies {a['replies']} ({a['malformed']} malformed), "
-                     f"tokens {a['tokens']['total_tokens']}") if "replies" in a else ""
+                     f"re-asks {a.get('reasks', '-')} over {a.get('requests', '-')} HTTP requests, "
+                     f"candidates {a.get('candidates', '-')}, tokens {a['tokens']['total_tokens']}") if "replies" in a else ""
             rejected = ", ".join(f"{k} {v}" for k, v in a["filters"].items() if v)
             lines.append(f"- {r['task']} {r['config'].split()[-1]}: kept {a['kept']}{extra}; rejected: "
                          f"{rejected or 'none'}")

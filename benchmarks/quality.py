@@ -379,7 +379,8 @@ def main() -> int:
             log(notes[-1])
     for art in [Path(a) for a in args.artifacts.split(",") if a]:
         rid, logits, nbytes, qa = prebuilt(art, base, args.adapter, seqs)
-        add(f"ours-{rid}", "cdcda", qa.get("scheme", ""), logits, nbytes, {"artifact": str(art)})
+        # the directory name tells apart several builds of one recipe (e.g. with and without a --set override)
+        add(f"ours-{rid} [{art.name}]", "cdcda", qa.get("scheme", ""), logits, nbytes, {"artifact": str(art)})
     peers = {p for p in args.peers.split(",") if p}
     if "llamacpp" in peers:
         try:
