@@ -478,3 +478,30 @@ def test_int8_fast_export_records_its_smoothing(tiny_model_dir, tiny_artifact):
     prefill_ref, _, _ = eager_greedy(tiny_model_dir("tiny"), PROMPT, 1)
     err = float(np.abs(runtime.load(art).prefill(PROMPT) - prefill_ref).max())
     assert err < 0.5, err
+
+
+@pytest.mark.integration
+def test_float_weights_are_read_from_the_data_file_as_stored(tiny_artifact):
+    """The quantizer's float weights come from the float graph's data file, one matrix at a time
+    (onnx._FloatWeights): exactly the arrays onnx.load gives (bit for bit), inline tensors included; and a
+    quantized export records its peak RSS after each phase."""
+    import onnx
+    from onnx import numpy_helper
+
+    from cdcda_export.export.onnx import _FloatWeights
+
+    art = tiny_artifact("tiny", "onnx/fp32")
+    full = onnx.load(str(art / "model.onnx"))
+    inits = {i.name: i for i in full.graph.initializer}
+    mms = {n.name: n.input[1] for n in full.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    small = next(i.name for i in full.graph.initializer if 0 < np.prod(i.dims) * 4 < 1024)   # stored inline
+    fw = _FloatWeights(art / "model.onnx", {**mms, "inline": small})
+    assert len(mms) >= 4 and len(fw) == len(mms) + 1 and set(fw.subset(list(mms)[:2])) == set(list(mms)[:2])
+    for mm, init in {**mms, "inline": small}.items():
+        want = numpy_helper.to_array(inits[init])
+        got = fw[mm]
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), mm
+    q = json.loads((tiny_artifact("tiny", "onnx/int8") / "manifest.json").read_text())["export"]
+    after = q["timings"]["peak_rss_mb_after"]
+    assert set(after) == {"model_and_calibration", "torch_onnx_export", "quantize"}, after
+    assert after["model_and_calibration"] <= after["torch_onnx_export"] <= after["quantize"] <= q["peak_rss_mb"]

@@ -26,6 +26,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Mapping
+
+import numpy as np
 from pathlib import Path
 
 from ..errors import UserError
@@ -297,11 +300,17 @@ def export_decoder_onnx(dec, path: Path, opset: int, fuse: bool = False) -> dict
         dynamic_shapes=(_dynamic_shapes(dec.spec.num_layers, len(dec.lora_names)),), verbose=False, report=False,
         custom_translation_table=table)
     fused = ort_fusions(prog.model) if fuse else {}
-    proto = prog.model_proto
-    for imp in proto.opset_import:
-        if imp.domain == "com.microsoft":
-            imp.version = 1   # contrib ops are opset 1; the exporter stamps the default opset
-    _save(proto, path)
+    if "com.microsoft" in prog.model.opset_imports:
+        prog.model.opset_imports["com.microsoft"] = 1   # contrib ops are opset 1; the exporter stamps the default
+    # onnx_ir writes the initializers straight from the exported program's tensors into the data file. Going
+    # through ``prog.model_proto`` + ``onnx.save_model`` first copied every weight into an in-memory proto
+    # (and again while externalizing it): the peak RSS of the export phase.
+    import onnx_ir as ir
+
+    for p in (path, path.with_name(path.name + ".data")):
+        if p.exists():
+            p.unlink()
+    ir.save(prog.model, path, external_data=path.name + ".data", size_threshold_bytes=1024)
     return fused
 
 
@@ -705,7 +714,11 @@ def _q8_0_rule(proto, floats: dict, block: int, search: bool = False) -> None:
         if node.op_type != "MatMulNBits" or node.name.rsplit("_Q8", 1)[0] not in floats or len(node.input) != 3:
             continue
         rounding = _q8_blocks_searched if search else _q8_0_blocks
-        q, scale = rounding(floats[node.name.rsplit("_Q8", 1)[0]].T, block)     # weights [N, K]
+        w = floats[node.name.rsplit("_Q8", 1)[0]].T       # weights [N, K]
+        # rows are rounded independently: in chunks, so the float temporaries of the 49k-row lm_head stay small
+        # (~550 MB of peak RSS at once on SmolLM2-135M otherwise)
+        parts = [rounding(w[i:i + 4096], block) for i in range(0, w.shape[0], 4096)]
+        q, scale = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         data, scales = inits[node.input[1]], inits[node.input[2]]
         old_data, old_scales = numpy_helper.to_array(data), numpy_helper.to_array(scales)
         data.CopyFrom(numpy_helper.from_array(q.reshape(old_data.shape), data.name))
@@ -803,7 +816,49 @@ def _fp16_scales(proto) -> int:
     return n_mm
 
 
-def _weight_only(proto, recipe, spec, calib=None, merged: bool = False) -> tuple[object, dict]:
+class _FloatWeights(Mapping):
+    """MatMul name -> its float weight [K, N], read from the float ONNX file ``src`` when asked: one matrix in
+    memory at a time. Copying every weight out of the loaded graph up front (``numpy_helper.to_array``) cost
+    an onnx/int8 export of the real SmolLM2-135M ~600 MB of peak RSS (``export.timings.peak_rss_mb_after`` in
+    the manifest). Offsets come from the graph loaded without its data; a tensor stored inline is read there."""
+
+    def __init__(self, src: Path, names: dict[str, str], graph=None):
+        import onnx
+
+        self._src, self._names = Path(src), names
+        g = graph if graph is not None else onnx.load(str(src), load_external_data=False).graph
+        self._inits = {i.name: i for i in g.initializer if i.name in set(names.values())}
+
+    def __getitem__(self, mm: str):
+        from onnx import numpy_helper
+
+        t = self._inits[self._names[mm]]
+        ext = {e.key: e.value for e in t.external_data}
+        if t.data_location != 1 or not ext:   # inline (onnx.TensorProto.EXTERNAL = 1)
+            return numpy_helper.to_array(t)
+        if t.data_type != 1:   # FLOAT
+            raise ValueError(f"{self._src}: initializer {t.name} is not float32 (data_type {t.data_type})")
+        count = int(np.prod(t.dims))
+        return np.fromfile(self._src.parent / ext["location"], dtype=np.float32, count=count,
+                           offset=int(ext.get("offset", 0))).reshape(tuple(t.dims))
+
+    def subset(self, keys) -> "_FloatWeights":
+        return _FloatWeights(self._src, {k: self._names[k] for k in keys if k in self._names},
+                             graph=_Graph(self._inits.values()))
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+
+class _Graph:
+    def __init__(self, initializers):
+        self.initializer = list(initializers)
+
+
+def _weight_only(proto, recipe, spec, calib=None, merged: bool = False, *, src: Path) -> tuple[object, dict]:
     """Weight-only MatMulNBits quantization (ONNX Runtime's ``MatMulNBitsQuantizer``), per linear kind:
     ``quantization.bits`` / ``grid`` for the layers, ``head_bits`` for the lm_head, ``eight_bit`` kinds at
     8 bit (symmetric); then the tied embedding reads the head (``embeddings: same``)."""
@@ -832,13 +887,18 @@ def _weight_only(proto, recipe, spec, calib=None, merged: bool = False) -> tuple
     all_nodes = {n.name for n in proto.graph.node}
     from onnx import numpy_helper
 
-    q8_floats = {n.name: numpy_helper.to_array(inits[n.input[1]]) for n in weight_mm
-                 if n.name in plan.get((8, "symmetric"), [])}
+    # the MatMuls' float weights, read from ``src`` (the float graph's file) when asked: ORT's quantizer replaces
+    # the loaded graph's copies
+    wanted = {n.name: n.input[1] for n in weight_mm
+              if n.name in plan.get((8, "symmetric"), []) or q.layers_calibration or q.error_rank}
+    floats = _FloatWeights(src, wanted)
+    q8_floats = floats.subset(n.name for n in weight_mm if n.name in plan.get((8, "symmetric"), []))
     # float layer weights [K, N] by MatMul name, for GPTQ (the (bits, grid) layers) and the error correction
     # (every layer matmul); one array each, shared
-    all_floats = {n.name: numpy_helper.to_array(inits[n.input[1]]) for n in weight_mm
-                  if (q.layers_calibration or q.error_rank) and kinds[n.name] != "lm_head"}
-    layer_floats = {k: v for k, v in all_floats.items() if q.layers_calibration and k in plan.get((bits, grid), [])}
+    all_floats = floats.subset(n.name for n in weight_mm
+                               if (q.layers_calibration or q.error_rank) and kinds[n.name] != "lm_head")
+    layer_floats = all_floats.subset(n.name for n in weight_mm
+                                     if q.layers_calibration and n.name in plan.get((bits, grid), []))
     head_float = next((numpy_helper.to_array(inits[n.input[1]]) for n in weight_mm if kinds[n.name] == "lm_head"), None)
     if (q.head_calibration or q.hot_rows or q.layers_calibration) and (calib is None or head_float is None):
         raise RuntimeError("quantization.head_calibration / hot_rows need calibration inputs and an lm_head MatMul")
@@ -971,7 +1031,7 @@ def _quantize(src: Path, dst: Path, recipe, work: Path, spec=None, calib=None, m
     elif q.scheme in ("int8", "int4"):
         import onnx
 
-        proto, facts = _weight_only(onnx.load(str(src)), recipe, spec, calib, merged)
+        proto, facts = _weight_only(onnx.load(str(src)), recipe, spec, calib, merged, src=src)
         _save(proto, dst)
         return facts
     else:
@@ -1092,7 +1152,10 @@ def export_onnx(job) -> dict:
 
     job.progress("torch.onnx.export (dynamo, explicit KV I/O)")
     extra_facts: dict = {}
-    timings: dict = {}
+    from ..utils import peak_rss_mb
+
+    # the process's peak RSS so far (monotonic) after each phase: the phase where it rises holds the peak
+    timings: dict = {"peak_rss_mb_after": {"model_and_calibration": round(peak_rss_mb(), 1)}}
     t0 = time.perf_counter()
     # fuse_projections recipes also get ORT's fused norms (one switch: "the graph ORT runs fastest")
     fuse = opts.fuse_projections
@@ -1104,18 +1167,24 @@ def export_onnx(job) -> dict:
         fp32.parent.mkdir(parents=True, exist_ok=True)
         fused = export_decoder_onnx(dec, fp32, opts.opset, fuse=fuse)
         timings["torch_onnx_export_s"] = round(time.perf_counter() - t0, 2)
+        timings["peak_rss_mb_after"]["torch_onnx_export"] = round(peak_rss_mb(), 1)
         # The float decoder (its fused/untied weight copies) and the exporter's graph are not needed while ONNX
         # Runtime quantizes the saved file: free them first (peak RSS of a 135M int8 export 3.2 GB otherwise).
         del dec
         import gc
 
-        gc.collect()
         dec = None
+        # Nor are the HF model's weights (api.export reads only its config afterwards): on meta, their memory goes
+        # back before ONNX Runtime's quantizer loads the float graph (peak RSS of an onnx/int8 export of the real
+        # SmolLM2-135M: see the manifest's export.timings.peak_rss_mb_after)
+        job.model.to("meta")
+        gc.collect()
         job.progress(f"onnxruntime quantization ({q.scheme})")
         t0 = time.perf_counter()
         extra_facts = _quantize(fp32, final, rec, job.work_dir, spec=spec, calib=calib,
                                 merged=job.merged_adapter and job.lora is None)
         timings["quantize_s"] = round(time.perf_counter() - t0, 2)
+        timings["peak_rss_mb_after"]["quantize"] = round(peak_rss_mb(), 1)
     del dec
     if job.lora is not None:   # base package: empty defaults for the LoRA inputs (ORT's adapter contract)
         import onnx
