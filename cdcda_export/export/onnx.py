@@ -27,9 +27,9 @@ import json
 import shutil
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 
 from ..errors import UserError
 from .registry import register_exporter
@@ -842,7 +842,7 @@ class _FloatWeights(Mapping):
         return np.fromfile(self._src.parent / ext["location"], dtype=np.float32, count=count,
                            offset=int(ext.get("offset", 0))).reshape(tuple(t.dims))
 
-    def subset(self, keys) -> "_FloatWeights":
+    def subset(self, keys) -> _FloatWeights:
         return _FloatWeights(self._src, {k: self._names[k] for k in keys if k in self._names},
                              graph=_Graph(self._inits.values()))
 
@@ -1134,7 +1134,7 @@ def export_onnx(job) -> dict:
         from ..train.format import PromptFormat
         from .calibrate import calibrate
 
-        job.progress("calibration (lm_head inputs on the LaMP sample's training examples)")
+        job.progress("calibration (on the LaMP sample's training examples)")
         calib = calibrate(job.model, job.base_dir, PromptFormat.from_dict(job.prompt_format),
                           layers=bool(q.layers_calibration or q.smooth_alpha), hessians=bool(q.layers_calibration),
                           head=bool(q.head_calibration or q.hot_rows or q.layers_calibration))
@@ -1173,12 +1173,8 @@ def export_onnx(job) -> dict:
         del dec
         import gc
 
-        dec = None
-        # Nor are the HF model's weights (api.export reads only its config afterwards): on meta, their memory goes
-        # back before ONNX Runtime's quantizer loads the float graph (peak RSS of an onnx/int8 export of the real
-        # SmolLM2-135M: see the manifest's export.timings.peak_rss_mb_after)
-        job.model.to("meta")
         gc.collect()
+        dec = None
         job.progress(f"onnxruntime quantization ({q.scheme})")
         t0 = time.perf_counter()
         extra_facts = _quantize(fp32, final, rec, job.work_dir, spec=spec, calib=calib,
