@@ -822,12 +822,13 @@ class _FloatWeights(Mapping):
     an onnx/int8 export of the real SmolLM2-135M ~600 MB of peak RSS (``export.timings.peak_rss_mb_after`` in
     the manifest). Offsets come from the graph loaded without its data; a tensor stored inline is read there."""
 
-    def __init__(self, src: Path, names: dict[str, str], graph=None):
+    def __init__(self, src: Path, names: dict[str, str], inits: dict | None = None):
         import onnx
 
         self._src, self._names = Path(src), names
-        g = graph if graph is not None else onnx.load(str(src), load_external_data=False).graph
-        self._inits = {i.name: i for i in g.initializer if i.name in set(names.values())}
+        if inits is None:   # name -> TensorProto of the graph loaded without its data
+            inits = {i.name: i for i in onnx.load(str(src), load_external_data=False).graph.initializer}
+        self._inits = {n: inits[n] for n in set(names.values())}
 
     def __getitem__(self, mm: str):
         from onnx import numpy_helper
@@ -843,19 +844,13 @@ class _FloatWeights(Mapping):
                            offset=int(ext.get("offset", 0))).reshape(tuple(t.dims))
 
     def subset(self, keys) -> _FloatWeights:
-        return _FloatWeights(self._src, {k: self._names[k] for k in keys if k in self._names},
-                             graph=_Graph(self._inits.values()))
+        return _FloatWeights(self._src, {k: self._names[k] for k in keys if k in self._names}, inits=self._inits)
 
     def __iter__(self):
         return iter(self._names)
 
     def __len__(self):
         return len(self._names)
-
-
-class _Graph:
-    def __init__(self, initializers):
-        self.initializer = list(initializers)
 
 
 def _weight_only(proto, recipe, spec, calib=None, merged: bool = False, *, src: Path) -> tuple[object, dict]:
