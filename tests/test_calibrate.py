@@ -202,3 +202,38 @@ def test_absmax_only_calibration_reads_the_same_statistics(tiny_model_dir):
     assert amax.keys() == amax2.keys()
     for k in amax:
         assert torch.equal(amax[k], amax2[k])
+
+
+def test_fisher_scores_are_the_empirical_fisher_quadratic_form(tiny_model_dir):
+    """fisher_scores: for each linear, the sum over sequences of (grad . dW)^2, with the gradient of that
+    sequence's next-token loss; checked against torch.autograd.grad computed here (relative tolerance 1e-4).
+    A zero delta scores 0, scaling a delta by c scales its score by c^2 (a quadratic form), a key the model
+    has no linear for (or one of another shape) is left out, and every parameter's requires_grad / grad is as it was."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("tiny-llama"), dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 200, (int(n),), generator=g).tolist() for n in (9, 14, 11)]
+    layer = model.model.layers[0]
+    lins = {"q": layer.self_attn.q_proj, "down": layer.mlp.down_proj, "o": layer.self_attn.o_proj}
+    key = {n: cal.weight_key(m.weight.detach().T.numpy()) for n, m in lins.items()}
+    d = {"q": 1e-2 * torch.randn(lins["q"].weight.shape, generator=g),
+         "down": 1e-2 * torch.randn(lins["down"].weight.shape, generator=g), "o": torch.zeros(lins["o"].weight.shape)}
+    flags = [p.requires_grad for p in model.parameters()]
+    got = cal.fisher_scores(model, seqs, {key[n]: d[n] for n in d} | {b"absent": torch.zeros(3, 3)})
+    assert b"absent" not in got and got[key["o"]] == 0.0
+    want = {"q": 0.0, "down": 0.0}
+    for s in seqs:
+        ids = torch.tensor([s])
+        loss = model(input_ids=ids, labels=ids).loss
+        grads = torch.autograd.grad(loss, [lins["q"].weight, lins["down"].weight])
+        for n, gr in zip(("q", "down"), grads):
+            want[n] += float((gr * d[n]).sum()) ** 2
+    for n in want:
+        assert want[n] > 0 and got[key[n]] == pytest.approx(want[n], rel=1e-4), (n, got[key[n]], want[n])
+    # a key whose linear has another shape (a split fused projection: Phi-3's qkv_proj) is left out
+    assert cal.fisher_scores(model, seqs[:1], {key["q"]: torch.zeros(3, 3)}) == {}
+    scaled = cal.fisher_scores(model, seqs, {key["q"]: 3.0 * d["q"]})
+    assert scaled[key["q"]] == pytest.approx(9.0 * got[key["q"]], rel=1e-4)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())

@@ -199,6 +199,10 @@ def test_weight_only_int4_is_refused_before_any_work():
     rec, _ = resolve_recipe("executorch/xnnpack-int8", ["quantization.group_size=32"])
     with pytest.raises(UserError, match="one scale per output channel"):
         quantize(None, rec)
+    rec, _ = resolve_recipe("executorch/xnnpack-8da8w", ["quantization.float_linears=2"])
+    with pytest.raises(UserError, match="int8wo layers only") as e:
+        quantize(None, rec)
+    assert "quantization.float_linears" in str(e.value)
 
 
 @pytest.mark.integration
@@ -212,7 +216,11 @@ def test_int8_weight_only_lowers_to_xnnpack_and_matches_fp32(tiny_artifact):
     art = tiny_artifact("tiny-qwen2", "executorch/xnnpack-int8")
     m = _manifest(art)
     q = m["quantization_applied"]
-    assert q["scheme"] == "int8wo" and q["quantized_linears"] == q["linears"] > 0, q
+    # the recipe keeps its 2 most Fisher-sensitive layer linears fp32 (float_linears: 2), never the lm_head
+    kept = q["float_linears"]["kept"]
+    assert len(kept) == q["float_linears_kept"] == 2 and not any("lm_head" in n for n in kept), q
+    assert sum(kept.values()) <= 1.0 and list(kept.values()) == sorted(kept.values(), reverse=True), kept
+    assert q["scheme"] == "int8wo" and q["quantized_linears"] == q["linears"] - 2 > 0, q
     assert q["weight_rounding"] == {"gptq": q["linears"], "round_to_nearest": 0}, q
     assert q["calibration"]["sequences"] > 0 and q["embedding_config"] == "8w"
     d = m["export"]["delegation"]

@@ -66,7 +66,7 @@ def _check_group_size(shapes: dict[str, tuple[int, int]], group: int, what: str)
 
 
 def needs_calibration(q) -> bool:
-    return bool(q.head_calibration or q.layers_calibration or q.smooth_alpha)
+    return bool(q.head_calibration or q.layers_calibration or q.smooth_alpha or q.float_linears)
 
 
 def calibration_for(q, model, base_dir, prompt_format: dict | None):
@@ -100,6 +100,10 @@ def quantize(dec, recipe, calib=None) -> dict:
                         "activations in executorch 1.5.1 (see benchmarks/repros/xnnpack_weight_only_int8.py)",
                         field="quantization.scheme", expected="int8wo, 8da8w, 8da4w or none for the XNNPACK backend",
                         hint="for near-lossless 8-bit use executorch/xnnpack-int8 (int8wo); for 4-bit 8da4w")
+    if q.float_linears and (q.scheme != "int8wo" or q.layers == "none"):
+        raise UserError(f"quantization.float_linears {q.float_linears} is implemented for int8wo layers only "
+                        f"(scheme {q.scheme!r}, layers {q.layers!r})", field="quantization.float_linears",
+                        expected="0, or scheme int8wo with layers: linear")
     if q.scheme == "int8wo" and q.layers != "none" and q.group_size not in (None, 0):
         raise UserError(f"quantization.group_size {q.group_size} with int8wo: XNNPACK's float-activation int8 "
                         "linear takes one scale per output channel", field="quantization.group_size",
@@ -142,13 +146,16 @@ def quantize(dec, recipe, calib=None) -> dict:
     linears = [m for m in dec.modules() if isinstance(m, torch.nn.Linear) and not getattr(m, "float_helper", False)]
     n_lin = sum(is_quantized(m) for m in linears)
     n_emb = int(is_quantized(dec.embed_tokens))
-    if linear and n_lin != len(linears):
-        raise RuntimeError(f"{linear}: only {n_lin} of {len(linears)} linears were quantized")
+    kept_float = len((calibrated.get("float_linears") or {}).get("kept") or ())
+    if linear and n_lin != len(linears) - kept_float:
+        raise RuntimeError(f"{linear}: only {n_lin} of {len(linears)} linears were quantized "
+                           f"({kept_float} kept float by quantization.float_linears)")
     if embedding and not n_emb:
         raise RuntimeError(f"{embedding}: the embedding table was not quantized")
     return {**applied, "group_size": lin_group if linear else None,
             "embedding_group_size": emb_group if embedding else None,
-            "quantized_linears": n_lin, "linears": len(linears), "quantized_embeddings": n_emb, **calibrated}
+            "quantized_linears": n_lin, "linears": len(linears), "float_linears_kept": kept_float,
+            "quantized_embeddings": n_emb, **calibrated}
 
 
 def _write_grid(t, qu, scale, bits: int) -> None:
@@ -397,6 +404,7 @@ def _int8_weight_only(dec, q, calib, only=None) -> dict:
     counts = {"gptq": 0, "round_to_nearest": 0}
     hessians = ({n: _sibling_stat(calib.hessian_for, mods, n) for n in names}
                 if calib is not None and q.layers_calibration == "gptq" else {})
+    rounded = {}
     for name in names:
         lin = mods[name]
         w = lin.weight.detach().float()
@@ -411,13 +419,49 @@ def _int8_weight_only(dec, q, calib, only=None) -> dict:
             scale, zp = block_grid(w, k, 8, "float32", "symmetric")
             qu = rtn(w, scale, zp, k, 8)
             counts["round_to_nearest"] += 1
+        rounded[name] = (qu, scale, zp)
+    kept = _float_linears(dec, q, calib, mods, rounded) if q.float_linears else {}
+    for name in names:
+        lin = mods[name]
+        if name in kept:
+            continue
+        qu, scale, _ = rounded.pop(name)
         bias = lin.bias
         lin.bias = None
         quantize_(lin, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)))
         _write_grid(lin.weight, qu, scale, 8)
         if bias is not None:   # the bias alone outside the linear
             _replace_module(dec, mods, name, _wrapped_linear_class()(lin, None, bias.detach(), None, 0))
-    return {"weight_rounding": counts, **({"calibration": calib.facts} if calib is not None else {})}
+    out = {"weight_rounding": counts}
+    if q.float_linears:
+        out["float_linears"] = {"method": "empirical Fisher x rounding error, sum over calibration sequences of "
+                                          "(grad . dW)^2 (calibrate.fisher_scores)",
+                                "kept": kept, "bytes_added": sum(3 * mods[n].weight.numel() for n in kept)}
+    return {**out, **({"calibration": calib.facts} if calib is not None else {})}
+
+
+def _float_linears(dec, q, calib, mods: dict, rounded: dict) -> dict:
+    """The ``q.float_linears`` decoder linears (never the lm_head) with the largest Fisher-weighted rounding
+    error (``calibrate.fisher_scores`` on the float model's calibration text): name -> share of the total score,
+    largest first. ``rounded``: name -> (q, scale, zero point) of the per-channel int8 rounding each linear would
+    get. A linear the float model has no weight for (a split fused projection: Phi-3's qkv) is not scored."""
+    from .calibrate import dequant, weight_key
+
+    if calib is None:
+        raise RuntimeError("float_linears needs calibration inputs")
+    deltas, by_key = {}, {}
+    for name, (qu, scale, zp) in rounded.items():
+        lin = mods[name]
+        if lin is dec.lm_head:
+            continue
+        w = lin.weight.detach().float()
+        key = weight_key(w.T.numpy())
+        deltas[key] = dequant(qu, scale, zp, w.shape[1]) - w
+        by_key[key] = name
+    scores = calib.fisher(deltas)
+    total = sum(scores.values()) or 1.0
+    top = sorted(scores, key=lambda k: -scores[k])[: q.float_linears]
+    return {by_key[k]: round(scores[k] / total, 4) for k in top}
 
 
 # ----------------------------------------------------------------------------- lowering

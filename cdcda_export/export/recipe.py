@@ -83,8 +83,14 @@ class Quantization:
     # is coherent (low rank) and smaller than the 4-bit step, so rounding removes most of it and this puts it
     # back; a matrix already on its grid (relative error < 1e-3: a Q4_1-derived base) is left as is. 0: off
     error_rank: int = 0
+    # ExecuTorch int8wo: the ``float_linears`` decoder linears whose rounding costs the model most stay fp32
+    # (XNNPACK's f32 kernels): each linear's rounding error dW weighted by the empirical Fisher on the calibration
+    # text, sum over sequences of (grad . dW)^2 (``calibrate.fisher_scores``). 0: every linear int8
+    float_linears: int = 0
 
     def __post_init__(self):
+        if not 0 <= self.float_linears <= 64:
+            raise ValueError(f"quantization.float_linears: {self.float_linears!r} is not allowed; allowed: 0..64")
         if not 0 <= self.error_rank <= 64:
             raise ValueError(f"quantization.error_rank: {self.error_rank!r} is not allowed; allowed: 0..64")
         if self.head_bits is not None and self.head_bits not in (4, 8):
