@@ -426,7 +426,7 @@ def test_killed_run_resumes_without_reasking(tmp_path, sig):
 
 
 @pytest.fixture(scope="module")
-def teacher_url(tiny_base):
+def teacher_server(tiny_base):
     """serve-teacher's app (create_app + uvicorn, as `cdcda serve-teacher` runs it) on a loopback port.
 
     In-process rather than a subprocess: the CLI is a two-line wrapper, and a second process would
@@ -437,7 +437,8 @@ def teacher_url(tiny_base):
 
     from cdcda_export.augment.serve import LocalTeacher, create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(LocalTeacher(tiny_base, model_name="tiny")), host="127.0.0.1",
+    teacher = LocalTeacher(tiny_base, model_name="tiny")
+    server = uvicorn.Server(uvicorn.Config(create_app(teacher), host="127.0.0.1",
                                            port=0, log_level="warning", lifespan="off"))
     server.install_signal_handlers = lambda: None  # not the main thread
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
@@ -447,9 +448,51 @@ def teacher_url(tiny_base):
         assert time.monotonic() < deadline and thread.is_alive(), "serve-teacher did not start"
         time.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}/v1"
+    yield f"http://127.0.0.1:{port}/v1", teacher
     server.should_exit = True
     thread.join(timeout=30)
+
+
+@pytest.fixture
+def teacher_url(teacher_server):
+    return teacher_server[0]
+
+
+def test_serve_teacher_stops_generating_for_a_client_that_left(teacher_server, monkeypatch):
+    """A client whose deadline passes closes the connection (the augment client then retries). The server
+    must stop that generation at once: before, it generated every abandoned attempt to the end, one at a
+    time, so a teacher slower than the deadline never answered any retry. Each model forward is slowed to
+    10 ms here, so the full budget would take minutes; the client leaves after 1 s and the generation must
+    end as ``cancelled`` within 10 s, far short of its budget."""
+    url, teacher = teacher_server
+    forward = teacher.model.forward
+    results = []
+    complete = teacher.complete
+
+    def slow_forward(*a, **k):
+        time.sleep(0.01)
+        return forward(*a, **k)
+
+    def spy(*a, **k):
+        r = complete(*a, **k)
+        results.append(r)
+        return r
+
+    monkeypatch.setattr(teacher.model, "forward", slow_forward)
+    monkeypatch.setattr(teacher, "complete", spy)
+    budget = teacher.max_context - 64
+    assert budget >= 400, teacher.max_context   # >= 4 s of generation at 10 ms per token
+    t0 = time.monotonic()
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{url}/chat/completions", json={
+            "model": "tiny", "messages": [{"role": "user", "content": "Write a long review."}],
+            "max_tokens": budget, "temperature": 1.0, "seed": 0}, timeout=1.0)
+    deadline = t0 + 10
+    while not results:
+        assert time.monotonic() < deadline, "the abandoned generation was not stopped within 10 s"
+        time.sleep(0.05)
+    r = results[0]
+    assert r["finish_reason"] == "cancelled" and r["completion_tokens"] < budget // 2, r
 
 
 def test_serve_teacher_over_http(tmp_path, teacher_url):

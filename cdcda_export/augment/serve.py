@@ -4,7 +4,10 @@ FastAPI + uvicorn. Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` 
 the tokenizer's chat template when it has one, else ``role: content`` lines), ``GET /health``.
 ``usage`` counts real tokens. ``response_format`` is accepted: ``json_object`` cannot be enforced
 on an arbitrary local model, so the reply is whatever the model writes (the client's parser and
-re-ask budget deal with it). Generation runs one request at a time in a worker thread.
+re-ask budget deal with it). Generation runs one request at a time in a worker thread. A request whose
+client has gone (it timed out and will retry, or gave up) is dropped: a queued one never starts, a running
+one stops at its next token. Before, a CPU teacher slower than the client's deadline kept generating for
+every abandoned attempt, so each retry queued behind dead work and none could finish.
 """
 
 # No `from __future__ import annotations`: FastAPI must resolve the `Request` annotation of the
@@ -61,7 +64,10 @@ class LocalTeacher:
         self._lock = threading.Lock()
 
     def complete(self, messages: list[dict], *, max_tokens: int = 256, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> dict:
+                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+                 cancel: threading.Event | None = None) -> dict:
+        """One completion. ``cancel``: once set, generation stops after the current token (a request that
+        has not started yet does not start); the result's ``finish_reason`` is then ``cancelled``."""
         torch = self.torch
         ids, templated = _render(self.tokenizer, messages)
         # The completion gets what the context leaves (at least 16 tokens); a prompt that still does
@@ -72,18 +78,30 @@ class LocalTeacher:
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         with self._lock, torch.inference_mode():
+            if cancel is not None and cancel.is_set():   # the client left while this request waited
+                return {"text": "", "prompt_tokens": len(ids), "completion_tokens": 0, "finish_reason": "cancelled",
+                        "chat_template": templated}
             if seed is not None:
                 torch.manual_seed(int(seed))
             inp = torch.tensor([ids], device=self.device)
             kwargs: dict[str, Any] = dict(max_new_tokens=budget, pad_token_id=pad, attention_mask=torch.ones_like(inp))
             if eos is not None:
                 kwargs["eos_token_id"] = eos
+            if cancel is not None:
+                from transformers import StoppingCriteria, StoppingCriteriaList
+
+                class _Cancelled(StoppingCriteria):
+                    def __call__(self, input_ids, scores, **kw):
+                        return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool,
+                                          device=input_ids.device)
+
+                kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled()])
             if temperature and temperature > 0:
                 kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p or 1.0))
             else:
                 kwargs.update(do_sample=False)
             out = self.model.generate(inp, **kwargs)[0, len(ids):].tolist()
-        finish = "length"
+        finish = "cancelled" if cancel is not None and cancel.is_set() else "length"
         if eos is not None and eos in out:
             out = out[: out.index(eos)]
             finish = "stop"
@@ -129,11 +147,32 @@ def create_app(teacher: LocalTeacher):
                                 status_code=404)
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else (stop or [])
-        r = await asyncio.to_thread(
-            teacher.complete, [{"role": m.get("role", "user"), "content": str(m.get("content") or "")} for m in msgs],
-            max_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or 256),
-            temperature=float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0),
-            top_p=float(body.get("top_p") or 1.0), seed=body.get("seed"), stop=stop)
+        cancel, done = threading.Event(), asyncio.Event()
+
+        async def watch():   # the client closed the connection (its deadline passed): stop the work
+            while not done.is_set():
+                if await request.is_disconnected():
+                    cancel.set()
+                    return
+                try:
+                    await asyncio.wait_for(done.wait(), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+
+        watcher = asyncio.create_task(watch())
+        try:
+            r = await asyncio.to_thread(
+                teacher.complete, [{"role": m.get("role", "user"), "content": str(m.get("content") or "")}
+                                   for m in msgs],
+                max_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or 256),
+                temperature=float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0),
+                top_p=float(body.get("top_p") or 1.0), seed=body.get("seed"), stop=stop, cancel=cancel)
+        finally:
+            done.set()
+            await watcher
+        if r["finish_reason"] == "cancelled":   # nobody reads this; 499 as nginx logs a client that left
+            return JSONResponse({"error": {"message": "the client closed the connection; generation stopped",
+                                           "type": "cancelled"}}, status_code=499)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": teacher.name,
