@@ -133,6 +133,7 @@ def run_task(name: str, base: Path, work: Path, args) -> list[dict]:
         rep = run_augment(AugmentConfig(task=name, questions=q_train, out=tdir / "syn_teacher", teacher="openai",
                                         base_url=args.teacher_url, model=args.teacher_model, per_user=args.per_user,
                                         seed=args.seed, concurrency=args.concurrency, max_tokens=args.teacher_max_tokens,
+                                        timeout=args.teacher_timeout,
                                         filters=filt), api_key=key)
         aug_reports["lora real+teacher"] = {"kept": rep["kept_total"], "filters": rep["filters"],
                                             "replies": rep["teacher_replies"], "tokens": rep["tokens"],
@@ -186,6 +187,8 @@ def main() -> None:
     ap.add_argument("--api-key-env", default="OPENAI_API_KEY")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--teacher-max-tokens", type=int, default=1024)
+    ap.add_argument("--teacher-timeout", type=float, default=60.0,
+                    help="seconds per teacher request in total (a local CPU teacher needs more than a cloud one)")
     ap.add_argument("--note", default="", help="free text added under the title (e.g. what the teacher is)")
     args = ap.parse_args()
     if args.teacher_url and not args.teacher_model:
