@@ -458,6 +458,34 @@ def teacher_url(teacher_server):
     return teacher_server[0]
 
 
+def test_serve_teacher_enforces_the_json_response_format(teacher_url):
+    """response_format is enforced token by token: even the random-weight tiny model answers with JSON that
+    fits the schema (a random model left alone writes no JSON at all). An unknown format type is a 400 that
+    names response_format."""
+    url = teacher_url
+    schema = {"type": "object", "properties": {"examples": {"type": "array", "maxItems": 2, "items": {
+        "type": "object", "properties": {"input": {"type": "string", "maxLength": 12},
+                                         "output": {"type": "string", "enum": ["1", "2", "3", "4", "5"]}},
+        "required": ["input", "output"], "additionalProperties": False}}},
+        "required": ["examples"], "additionalProperties": False}
+    for seed in (0, 1):
+        r = httpx.post(f"{url}/chat/completions", json={
+            "model": "tiny", "messages": [{"role": "user", "content": "Write reviews."}], "max_tokens": 160,
+            "temperature": 1.0, "seed": seed,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "reviews", "schema": schema}}},
+            timeout=120)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        reply = json.loads(choice["message"]["content"])
+        assert set(reply) == {"examples"} and len(reply["examples"]) <= 2, reply
+        for ex in reply["examples"]:
+            assert set(ex) == {"input", "output"} and len(ex["input"]) <= 12 and ex["output"] in "12345", ex
+    bad = httpx.post(f"{url}/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+
+
 def test_serve_teacher_stops_generating_for_a_client_that_left(teacher_server, monkeypatch):
     """A client whose deadline passes closes the connection (the augment client then retries). The server
     must stop that generation at once: before, it generated every abandoned attempt to the end, one at a

@@ -2,9 +2,12 @@
 
 FastAPI + uvicorn. Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (non-streaming;
 the tokenizer's chat template when it has one, else ``role: content`` lines), ``GET /health``.
-``usage`` counts real tokens. ``response_format`` is accepted: ``json_object`` cannot be enforced
-on an arbitrary local model, so the reply is whatever the model writes (the client's parser and
-re-ask budget deal with it). Generation runs one request at a time in a worker thread. A request whose
+``usage`` counts real tokens. ``response_format`` is enforced while generating, as llama.cpp's server
+does with a grammar: ``{"type": "json_object"}`` allows only tokens that keep the reply a JSON object,
+``{"type": "json_schema", "json_schema": {"schema": ...}}`` only those that keep it valid for the
+schema (lm-format-enforcer's character-level JSON parser over the tokenizer's vocabulary). A reply
+cut by ``max_tokens`` is still cut (``finish_reason: length``). Generation runs one request at a time
+in a worker thread. A request whose
 client has gone (it timed out and will retry, or gave up) is dropped: a queued one never starts, a running
 one stops at its next token. Before, a CPU teacher slower than the client's deadline kept generating for
 every abandoned attempt, so each retry queued behind dead work and none could finish.
@@ -32,6 +35,32 @@ def _render(tokenizer, messages: list[dict]) -> tuple[list[int], bool]:
         return list(ids), True
     text = "".join(f"{m.get('role', 'user')}: {m.get('content', '')}\n" for m in messages) + "assistant:"
     return tokenizer(text)["input_ids"], False
+
+
+def _enforcer_vocabulary(tokenizer):
+    """lm-format-enforcer's tokenizer data: each regular token's text, and whether it starts a word.
+
+    Built here rather than with ``lmformatenforcer.integrations.transformers.build_token_enforcer_tokenizer_data``:
+    that module imports ``PreTrainedTokenizerBase`` from ``transformers.tokenization_utils``, which transformers 5
+    no longer has, and then reports "transformers is not installed" (lm-format-enforcer 0.11.3; fixed upstream by
+    noamgat/lm-format-enforcer#175, not yet released). Same construction as that function: a token's text after a
+    "0" token tells whether the tokenizer puts a space before it. ~2 s for SmolLM2's 49k tokens."""
+    from lmformatenforcer.tokenenforcer import TokenEnforcerTokenizerData
+
+    zero = tokenizer.encode("0", add_special_tokens=False)[-1]
+    special = set(tokenizer.all_special_ids)
+    size = len(tokenizer)
+    regular = []
+    for i in range(size):
+        if i in special:
+            continue
+        after_zero = tokenizer.decode([zero, i])[1:]
+        regular.append((i, after_zero, len(after_zero) > len(tokenizer.decode([i]))))
+
+    def decode(ids):
+        return tokenizer.decode(ids).rstrip("\ufffd")   # a partial multi-byte character is not text yet
+
+    return TokenEnforcerTokenizerData(regular, decode, tokenizer.eos_token_id, False, size)
 
 
 class LocalTeacher:
@@ -62,13 +91,37 @@ class LocalTeacher:
         self.max_context = int(max_context or cfg_max)
         self.created = int(time.time())
         self._lock = threading.Lock()
+        self._vocab = None   # lm-format-enforcer's view of the tokenizer, built on the first JSON-mode request
+
+    def _enforcer(self, response_format: dict | None):
+        """A token filter for ``response_format`` (None: free text). Raises ValueError on a format it cannot
+        enforce."""
+        kind = (response_format or {}).get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            schema = {"type": "object"}
+        elif kind == "json_schema":
+            schema = ((response_format.get("json_schema") or {}).get("schema"))
+            if not isinstance(schema, dict):
+                raise ValueError("response_format json_schema needs json_schema.schema (an object)")
+        else:
+            raise ValueError(f"response_format type {kind!r} is not supported; supported: text, json_object, "
+                             "json_schema")
+        from lmformatenforcer import JsonSchemaParser, TokenEnforcer
+
+        if self._vocab is None:
+            self._vocab = _enforcer_vocabulary(self.tokenizer)
+        return TokenEnforcer(self._vocab, JsonSchemaParser(schema))
 
     def complete(self, messages: list[dict], *, max_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                 cancel: threading.Event | None = None) -> dict:
+                 cancel: threading.Event | None = None, response_format: dict | None = None) -> dict:
         """One completion. ``cancel``: once set, generation stops after the current token (a request that
-        has not started yet does not start); the result's ``finish_reason`` is then ``cancelled``."""
+        has not started yet does not start); the result's ``finish_reason`` is then ``cancelled``.
+        ``response_format``: as OpenAI's (see the module docstring), enforced while generating."""
         torch = self.torch
+        enforcer = self._enforcer(response_format)
         ids, templated = _render(self.tokenizer, messages)
         # The completion gets what the context leaves (at least 16 tokens); a prompt that still does
         # not fit keeps its end (the instruction). usage reports what was really used.
@@ -87,6 +140,9 @@ class LocalTeacher:
             kwargs: dict[str, Any] = dict(max_new_tokens=budget, pad_token_id=pad, attention_mask=torch.ones_like(inp))
             if eos is not None:
                 kwargs["eos_token_id"] = eos
+            if enforcer is not None:
+                kwargs["prefix_allowed_tokens_fn"] = (
+                    lambda _batch, seq: enforcer.get_allowed_tokens(seq.tolist()).allowed_tokens)
             if cancel is not None:
                 from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -147,6 +203,12 @@ def create_app(teacher: LocalTeacher):
                                 status_code=404)
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else (stop or [])
+        fmt = body.get("response_format")
+        try:
+            teacher._enforcer(fmt) if fmt else None   # refuse an unsupported format before queueing
+        except (ValueError, TypeError, AttributeError) as e:
+            return JSONResponse({"error": {"message": f"response_format: {e}", "type": "invalid_request_error",
+                                           "param": "response_format"}}, status_code=400)
         cancel, done = threading.Event(), asyncio.Event()
 
         async def watch():   # the client closed the connection (its deadline passed): stop the work
@@ -166,7 +228,8 @@ def create_app(teacher: LocalTeacher):
                                    for m in msgs],
                 max_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or 256),
                 temperature=float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0),
-                top_p=float(body.get("top_p") or 1.0), seed=body.get("seed"), stop=stop, cancel=cancel)
+                top_p=float(body.get("top_p") or 1.0), seed=body.get("seed"), stop=stop, cancel=cancel,
+                response_format=fmt)
         finally:
             done.set()
             await watcher
