@@ -486,6 +486,32 @@ def test_serve_teacher_enforces_the_json_response_format(teacher_url):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
 
 
+def test_serve_teacher_on_an_exported_artifact(tiny_base, tiny_artifact):
+    """serve-teacher on a `cdcda export` artifact (its own runtime, prefill + one decode call per token): greedy
+    replies are the Hugging Face model's own tokens (onnx/fp32 of the same tiny model, 24 tokens), the JSON
+    filter holds on the artifact path too, and a seeded sampled reply repeats exactly."""
+    from cdcda_export.augment.serve import LocalTeacher
+
+    art = tiny_artifact("tiny", "onnx/fp32")
+    hf = LocalTeacher(tiny_base, model_name="tiny")
+    on_art = LocalTeacher(art, model_name="tiny-onnx")
+    assert on_art.runner is not None and on_art.model is None
+    assert on_art.max_context == on_art.runner.max_seq_len
+    msgs = [{"role": "user", "content": "Write one review of a coffee shop."}]
+    a = hf.complete(msgs, max_tokens=24, temperature=0)
+    b = on_art.complete(msgs, max_tokens=24, temperature=0)
+    assert b["completion_tokens"] == a["completion_tokens"] > 0 and b["text"] == a["text"], (a, b)
+    fmt = {"type": "json_schema", "json_schema": {"schema": {
+        "type": "object", "properties": {"score": {"type": "string", "enum": ["1", "2", "3", "4", "5"]}},
+        "required": ["score"], "additionalProperties": False}}}
+    r = on_art.complete(msgs, max_tokens=48, temperature=1.0, seed=3, response_format=fmt)
+    assert r["finish_reason"] == "stop" and json.loads(r["text"])["score"] in "12345", r
+    again = on_art.complete(msgs, max_tokens=48, temperature=1.0, seed=3, response_format=fmt)
+    assert again["text"] == r["text"]
+    free = [on_art.complete(msgs, max_tokens=16, temperature=1.0, top_p=0.9, seed=s)["text"] for s in (1, 1, 2)]
+    assert free[0] == free[1] and free[0] != free[2], free
+
+
 def test_serve_teacher_stops_generating_for_a_client_that_left(teacher_server, monkeypatch):
     """A client whose deadline passes closes the connection (the augment client then retries). The server
     must stop that generation at once: before, it generated every abandoned attempt to the end, one at a
