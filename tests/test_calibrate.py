@@ -235,5 +235,19 @@ def test_fisher_scores_are_the_empirical_fisher_quadratic_form(tiny_model_dir):
     assert cal.fisher_scores(model, seqs[:1], {key["q"]: torch.zeros(3, 3)}) == {}
     scaled = cal.fisher_scores(model, seqs, {key["q"]: 3.0 * d["q"]})
     assert scaled[key["q"]] == pytest.approx(9.0 * got[key["q"]], rel=1e-4)
+    # deltas given as callables (the export builds each dW from its uint8 codes when needed): the same scores,
+    # each dW built once per sequence plus once for the shape check, no gradient left on any weight
+    calls = {n: 0 for n in d}
+
+    def lazy(n):
+        def build():
+            calls[n] += 1
+            return d[n].clone()
+        return build
+
+    built = cal.fisher_scores(model, seqs, {key[n]: lazy(n) for n in d})
+    for n in d:
+        assert built[key[n]] == pytest.approx(got[key[n]], rel=1e-6, abs=0.0), n
+        assert calls[n] == len(seqs) + 1, (n, calls[n])
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())

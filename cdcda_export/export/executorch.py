@@ -456,7 +456,8 @@ def _float_linears(dec, q, calib, mods: dict, rounded: dict) -> dict:
             continue
         w = lin.weight.detach().float()
         key = weight_key(w.T.numpy())
-        deltas[key] = dequant(qu, scale, zp, w.shape[1]) - w
+        # built on demand from the uint8 codes (fisher_scores drops it after use): no fp32 dW held for all linears
+        deltas[key] = (lambda qu=qu, scale=scale, zp=zp, w=w: dequant(qu, scale, zp, w.shape[1]) - w)
         by_key[key] = name
     scores = calib.fisher(deltas)
     total = sum(scores.values()) or 1.0
