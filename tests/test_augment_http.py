@@ -345,8 +345,34 @@ def test_json_mode_falls_back_when_refused(tmp_path):
     with FaultServer(policy) as srv:
         rep = run_augment(cfg(tmp_path, srv.url, concurrency=1, max_users=1))
     assert rep["status"] == "complete"
-    assert rep["this_run"]["json_mode_fallbacks"] == 1
-    assert sum("response_format" in e["body"] for e in srv.log) == 1  # only the first attempt used it
+    # json_schema refused, then json_object refused, then plain requests for the rest of the run
+    assert rep["this_run"]["json_mode_fallbacks"] == 2
+    formats = [e["body"]["response_format"]["type"] for e in srv.log if "response_format" in e["body"]]
+    assert formats == ["json_schema", "json_object"]
+
+
+def test_reply_schema_is_sent_and_a_server_without_it_gets_json_object(tmp_path):
+    """The reply's JSON schema goes out as response_format json_schema: the examples list (at most per_request
+    items, input and output strings), the output one of the task's labels (LaMP-3: 1-5). A server that refuses
+    json_schema but takes json_object gets json_object for the rest of the run."""
+    def policy(srv, body, n):
+        if body.get("response_format", {}).get("type") == "json_schema":
+            return ("status", 400, {}, "response_format type json_schema is not supported")
+        return ok(body["messages"])
+
+    with FaultServer(lambda s, b, n: ok(b["messages"])) as srv:
+        rep = run_augment(cfg(tmp_path / "a", srv.url, concurrency=1, max_users=1))
+    assert rep["status"] == "complete" and rep["this_run"]["json_mode_fallbacks"] == 0
+    fmt = srv.log[0]["body"]["response_format"]
+    assert fmt["type"] == "json_schema"
+    items = fmt["json_schema"]["schema"]["properties"]["examples"]
+    assert items["maxItems"] == 2 and items["items"]["required"] == ["input", "output"]
+    assert items["items"]["properties"]["output"]["enum"] == ["1", "2", "3", "4", "5"]
+    with FaultServer(policy) as srv:
+        rep = run_augment(cfg(tmp_path / "b", srv.url, concurrency=1, max_users=1))
+    assert rep["status"] == "complete" and rep["this_run"]["json_mode_fallbacks"] == 1
+    formats = [e["body"].get("response_format", {}).get("type") for e in srv.log]
+    assert formats[0] == "json_schema" and set(formats[1:]) == {"json_object"}, formats
 
 
 def test_max_requests_budget_and_audit_log(tmp_path):

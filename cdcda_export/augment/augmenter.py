@@ -72,7 +72,9 @@ class AugmentConfig:
     max_retries: int = 5
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
-    json_mode: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
+    # auto: the reply's JSON schema (json_schema), else json_object, else none, as the server accepts;
+    # on: json_object only; schema: json_schema only; off: plain text
+    json_mode: str = field(default="auto", metadata={"choices": ("auto", "on", "schema", "off")})
     redact: bool = True
     redact_names: bool = True
     max_profile_items: int | None = 32
@@ -214,7 +216,24 @@ class Augmenter:
     # ------------------------------------------------------------------ teacher side
     def _gen_params(self) -> dict:
         c = self.cfg
-        return {"temperature": c.temperature, "top_p": c.top_p, "max_tokens": c.max_tokens}
+        return {"temperature": c.temperature, "top_p": c.top_p, "max_tokens": c.max_tokens,
+                "json_mode": c.json_mode, "reply_schema": sha256_text(json.dumps(self.reply_schema, sort_keys=True))}
+
+    @property
+    def reply_schema(self) -> dict:
+        """The JSON schema of a teacher reply: ``{"examples": [{"input", "output"}]}``, at most ``per_request``
+        examples, the output one of the task's labels on a classification task. Sent as ``response_format``
+        (see :meth:`OpenAIChatClient.chat`), so a server with structured outputs or a grammar cannot answer in
+        another shape; the filters still check every example."""
+        f = self.cfg.filters   # the length filter's absolute bounds, so the grammar cannot write what it rejects
+        out = ({"type": "string", "enum": list(self.labels)} if self.labels
+               else {"type": "string", "minLength": 1, "maxLength": f.max_output_chars})
+        inp = {"type": "string", "minLength": f.min_input_chars, "maxLength": f.max_input_chars}
+        item = {"type": "object", "properties": {"input": inp, "output": out},
+                "required": ["input", "output"], "additionalProperties": False}
+        return {"type": "object", "properties": {"examples": {"type": "array", "items": item, "minItems": 1,
+                                                              "maxItems": self.cfg.per_request}},
+                "required": ["examples"], "additionalProperties": False}
 
     async def _ask(self, uid: str, r: int, messages: list[dict]) -> tuple[list, dict]:
         """Candidates for request ``r`` of user ``uid`` (from the cache, or the teacher)."""
@@ -240,7 +259,8 @@ class Augmenter:
                                   messages_sha256=body_sha, bytes=len(json.dumps(msgs).encode()),
                                   model=c.model, base_url=safe_url(c.base_url))
                 reply = await self.client.chat(msgs, temperature=c.temperature, max_tokens=c.max_tokens,
-                                               top_p=c.top_p, seed=_seed(c.seed, uid, r) % (2**31))
+                                               top_p=c.top_p, seed=_seed(c.seed, uid, r) % (2**31),
+                                               schema=self.reply_schema)
                 entry = {"key": key, "content": reply.content, "usage": reply.usage, "model": reply.model,
                          "finish_reason": reply.finish_reason, "json_mode": reply.json_mode,
                          "messages_sha256": body_sha, "created_at": now_iso()}

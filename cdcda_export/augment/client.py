@@ -117,8 +117,8 @@ class OpenAIChatClient:
                  concurrency: int = 4, max_retries: int = 5, backoff_initial: float = 0.5,
                  backoff_max: float = 30.0, retry_after_cap: float = 60.0, json_mode: str = "auto",
                  stats: ClientStats | None = None, transport: httpx.AsyncBaseTransport | None = None):
-        if json_mode not in ("auto", "on", "off"):
-            raise UserError(f"json_mode {json_mode!r}", field="json_mode", expected="auto, on or off")
+        if json_mode not in ("auto", "on", "schema", "off"):
+            raise UserError(f"json_mode {json_mode!r}", field="json_mode", expected="auto, on, schema or off")
         self.model = model
         self.timeout = float(timeout)
         self.base_url = base_url.rstrip("/")
@@ -127,7 +127,8 @@ class OpenAIChatClient:
         self.retry_after_cap = retry_after_cap
         self._wait = _WaitRetryAfter(backoff_initial, backoff_max)
         self._json_mode = json_mode != "off"
-        self._json_forced = json_mode == "on"
+        self._json_forced = json_mode in ("on", "schema")
+        self._schema_ok = json_mode in ("auto", "schema")   # send the reply's JSON schema when chat() has one
         self._sem = asyncio.Semaphore(max(1, concurrency))
         headers = {"Content-Type": "application/json"}
         if api_key:
@@ -183,8 +184,13 @@ class OpenAIChatClient:
             raise RetryableHTTPError(r.status_code, None, f"non-JSON body: {e}") from None
 
     async def chat(self, messages: list[dict], *, temperature: float = 0.8, max_tokens: int = 1024,
-                   top_p: float | None = None, seed: int | None = None) -> ChatReply:
-        """One chat completion, with retries. Raises :class:`TeacherRequestFailed` when it gives up."""
+                   top_p: float | None = None, seed: int | None = None, schema: dict | None = None) -> ChatReply:
+        """One chat completion, with retries. Raises :class:`TeacherRequestFailed` when it gives up.
+
+        ``schema``: the JSON schema the reply must follow, sent as ``response_format: json_schema`` (OpenAI's
+        structured outputs; llama.cpp's server and ``cdcda serve-teacher`` turn it into a grammar). A server that
+        refuses it (a 400 naming response_format or JSON) gets ``json_object`` for the rest of the run, and one
+        that refuses that too gets no JSON mode; each step counts in ``json_mode_fallbacks``."""
         async with self._sem:
             self.stats.requests += 1
             while True:
@@ -195,12 +201,20 @@ class OpenAIChatClient:
                 if seed is not None:
                     body["seed"] = seed
                 if self._json_mode:
-                    body["response_format"] = {"type": "json_object"}
+                    if schema is not None and self._schema_ok:
+                        body["response_format"] = {"type": "json_schema",
+                                                   "json_schema": {"name": "examples", "schema": schema}}
+                    else:
+                        body["response_format"] = {"type": "json_object"}
                 try:
                     data = await self._with_retries(body)
                 except _JsonModeUnsupported:
-                    log.warning("server rejected response_format=json_object; continuing without JSON mode")
-                    self._json_mode = False
+                    if body["response_format"]["type"] == "json_schema":
+                        log.warning("server rejected response_format=json_schema; continuing with json_object")
+                        self._schema_ok = False
+                    else:
+                        log.warning("server rejected response_format=json_object; continuing without JSON mode")
+                        self._json_mode = False
                     self.stats.json_mode_fallbacks += 1
                     continue
                 return self._reply(data, body)

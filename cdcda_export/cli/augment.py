@@ -44,7 +44,8 @@ def augment_cmd(
     max_tokens: int = typer.Option(1024, "--max-tokens"),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds per HTTP attempt."),
     max_retries: int = typer.Option(5, "--max-retries", help="Retries on 429 / 5xx / timeouts."),
-    json_mode: str = typer.Option("auto", "--json-mode", help="auto (fall back when refused), on, off."),
+    json_mode: str = typer.Option("auto", "--json-mode", help="auto: the reply's JSON schema (response_format json_schema), falling back to json_object, "
+                                   "then none, when the server refuses; on: json_object; schema: json_schema only; off."),
     redact: bool = typer.Option(True, "--redact/--no-redact", help="Redact identifiers before sending."),
     redact_names: bool = typer.Option(True, "--redact-names/--no-redact-names", help="Capitalized-name heuristic."),
     max_profile_items: int = typer.Option(32, "--max-profile-items", help="Profile items shared per user, at most."),
