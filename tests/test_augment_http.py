@@ -368,6 +368,9 @@ def test_reply_schema_is_sent_and_a_server_without_it_gets_json_object(tmp_path)
     items = fmt["json_schema"]["schema"]["properties"]["examples"]
     assert items["maxItems"] == 2 and items["items"]["required"] == ["input", "output"]
     assert items["items"]["properties"]["output"]["enum"] == ["1", "2", "3", "4", "5"]
+    # the input's length within the length filter's bounds for this user (4x its real inputs), not the global cap
+    inp = items["items"]["properties"]["input"]
+    assert 8 <= inp["minLength"] < inp["maxLength"] < 8000, inp
     with FaultServer(policy) as srv:
         rep = run_augment(cfg(tmp_path / "b", srv.url, concurrency=1, max_users=1))
     assert rep["status"] == "complete" and rep["this_run"]["json_mode_fallbacks"] == 1

@@ -35,7 +35,7 @@ from ..errors import UserError
 from ..utils import is_safe_name, now_iso, write_json_atomic
 from .cache import ResponseCache, cache_key
 from .codec import Codec
-from .filters import FILTER_NAMES, FilterSettings, apply_filters
+from .filters import FILTER_NAMES, FilterSettings, apply_filters, length_bounds
 from .offline import offline_examples
 from .parsing import MalformedReply, parse_examples
 from .privacy import AuditLog, Redactor, sha256_text
@@ -216,26 +216,26 @@ class Augmenter:
     # ------------------------------------------------------------------ teacher side
     def _gen_params(self) -> dict:
         c = self.cfg
-        return {"temperature": c.temperature, "top_p": c.top_p, "max_tokens": c.max_tokens,
-                "json_mode": c.json_mode, "reply_schema": sha256_text(json.dumps(self.reply_schema, sort_keys=True))}
+        return {"temperature": c.temperature, "top_p": c.top_p, "max_tokens": c.max_tokens, "json_mode": c.json_mode}
 
-    @property
-    def reply_schema(self) -> dict:
+    def reply_schema(self, bounds: tuple[int, int, int, int] | None = None) -> dict:
         """The JSON schema of a teacher reply: ``{"examples": [{"input", "output"}]}``, at most ``per_request``
-        examples, the output one of the task's labels on a classification task. Sent as ``response_format``
-        (see :meth:`OpenAIChatClient.chat`), so a server with structured outputs or a grammar cannot answer in
-        another shape; the filters still check every example."""
-        f = self.cfg.filters   # the length filter's absolute bounds, so the grammar cannot write what it rejects
+        examples, the output one of the task's labels on a classification task, each string within the length
+        filter's bounds for this user (``bounds``: :func:`length_bounds` of the user's real pairs), so a grammar
+        cannot write what the filter rejects (a 135M teacher otherwise runs one input on until max_tokens). Sent
+        as ``response_format`` (see :meth:`OpenAIChatClient.chat`); the filters still check every example."""
+        f = self.cfg.filters
+        lo_i, hi_i, lo_o, hi_o = bounds or (f.min_input_chars, f.max_input_chars, 1, f.max_output_chars)
         out = ({"type": "string", "enum": list(self.labels)} if self.labels
-               else {"type": "string", "minLength": 1, "maxLength": f.max_output_chars})
-        inp = {"type": "string", "minLength": f.min_input_chars, "maxLength": f.max_input_chars}
+               else {"type": "string", "minLength": lo_o, "maxLength": hi_o})
+        inp = {"type": "string", "minLength": lo_i, "maxLength": hi_i}
         item = {"type": "object", "properties": {"input": inp, "output": out},
                 "required": ["input", "output"], "additionalProperties": False}
         return {"type": "object", "properties": {"examples": {"type": "array", "items": item, "minItems": 1,
                                                               "maxItems": self.cfg.per_request}},
                 "required": ["examples"], "additionalProperties": False}
 
-    async def _ask(self, uid: str, r: int, messages: list[dict]) -> tuple[list, dict]:
+    async def _ask(self, uid: str, r: int, messages: list[dict], schema: dict | None = None) -> tuple[list, dict]:
         """Candidates for request ``r`` of user ``uid`` (from the cache, or the teacher)."""
         c, t = self.cfg, self.template
         msgs = list(messages)
@@ -243,7 +243,7 @@ class Augmenter:
         keys = []
         malformed = 0
         for attempt in range(c.max_reasks + 1):
-            key = cache_key(template=t.version, template_sha256=t.sha256, model=c.model, params=self._gen_params(),
+            key = cache_key(template=t.version, template_sha256=t.sha256, model=c.model, params={**self._gen_params(), "reply_schema": sha256_text(json.dumps(schema, sort_keys=True))},
                             messages=msgs, attempt=attempt, seed=_seed(c.seed, uid, r))
             keys.append(key)
             entry = self.cache.get(key)
@@ -260,7 +260,7 @@ class Augmenter:
                                   model=c.model, base_url=safe_url(c.base_url))
                 reply = await self.client.chat(msgs, temperature=c.temperature, max_tokens=c.max_tokens,
                                                top_p=c.top_p, seed=_seed(c.seed, uid, r) % (2**31),
-                                               schema=self.reply_schema)
+                                               schema=schema)
                 entry = {"key": key, "content": reply.content, "usage": reply.usage, "model": reply.model,
                          "finish_reason": reply.finish_reason, "json_mode": reply.json_mode,
                          "messages_sha256": body_sha, "created_at": now_iso()}
@@ -333,12 +333,13 @@ class Augmenter:
             rep["requests"] = n_req
             if not shared:
                 rep["note"] = "no usable profile pairs to show the teacher: nothing asked"
+            schema = self.reply_schema(length_bounds(real, c.filters))
 
             async def one(r: int):
                 rng = random.Random(_seed(c.seed, uid, "shots", r))
                 shots = rng.sample(shared, min(c.shots, len(shared)))
                 try:
-                    return await self._ask(uid, r, self.template.messages(shots, c.per_request))
+                    return await self._ask(uid, r, self.template.messages(shots, c.per_request), schema)
                 except BudgetExhausted:
                     return None
                 except Exception as e:  # TeacherRequestFailed, or an unexpected reply shape
