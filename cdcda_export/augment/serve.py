@@ -115,21 +115,33 @@ class LocalTeacher:
         self._lock = threading.Lock()
         self._vocab = None   # lm-format-enforcer's view of the tokenizer, built on the first JSON-mode request
 
-    def _enforcer(self, response_format: dict | None):
-        """A token filter for ``response_format`` (None: free text). Raises ValueError on a format it cannot
-        enforce."""
-        kind = (response_format or {}).get("type", "text")
+    @staticmethod
+    def format_schema(response_format: dict | None) -> dict | None:
+        """The JSON schema ``response_format`` asks for (None: free text). Raises ValueError on a format that
+        cannot be enforced; cheap, so the handler refuses a bad request before it queues."""
+        if response_format is None:
+            return None
+        if not isinstance(response_format, dict):
+            raise ValueError("response_format must be an object such as {\"type\": \"json_object\"}")
+        kind = response_format.get("type", "text")
         if kind == "text":
             return None
         if kind == "json_object":
-            schema = {"type": "object"}
-        elif kind == "json_schema":
+            return {"type": "object"}
+        if kind == "json_schema":
             schema = ((response_format.get("json_schema") or {}).get("schema"))
             if not isinstance(schema, dict):
                 raise ValueError("response_format json_schema needs json_schema.schema (an object)")
-        else:
-            raise ValueError(f"response_format type {kind!r} is not supported; supported: text, json_object, "
-                             "json_schema")
+            return schema
+        raise ValueError(f"response_format type {kind!r} is not supported; supported: text, json_object, "
+                         "json_schema")
+
+    def _enforcer(self, response_format: dict | None):
+        """A token filter for ``response_format`` (None: free text); called under the generation lock (the
+        tokenizer's data is built once, on the first JSON request: ~2 s for a 49k vocabulary)."""
+        schema = self.format_schema(response_format)
+        if schema is None:
+            return None
         from lmformatenforcer import JsonSchemaParser, TokenEnforcer
 
         if self._vocab is None:
@@ -143,7 +155,7 @@ class LocalTeacher:
         has not started yet does not start); the result's ``finish_reason`` is then ``cancelled``.
         ``response_format``: as OpenAI's (see the module docstring), enforced while generating."""
         torch = self.torch
-        enforcer = self._enforcer(response_format)
+        self.format_schema(response_format)   # a bad format fails before the request waits for the lock
         ids, templated = _render(self.tokenizer, messages)
         # The completion gets what the context leaves (at least 16 tokens); a prompt that still does
         # not fit keeps its end (the instruction). usage reports what was really used.
@@ -156,6 +168,7 @@ class LocalTeacher:
             if cancel is not None and cancel.is_set():   # the client left while this request waited
                 return {"text": "", "prompt_tokens": len(ids), "completion_tokens": 0, "finish_reason": "cancelled",
                         "chat_template": templated}
+            enforcer = self._enforcer(response_format)
             if self.runner is not None:
                 out = self._sample(ids, budget, temperature, top_p, seed, eos, enforcer, cancel)
             else:
@@ -274,7 +287,7 @@ def create_app(teacher: LocalTeacher):
         stop = [stop] if isinstance(stop, str) else (stop or [])
         fmt = body.get("response_format")
         try:
-            teacher._enforcer(fmt) if fmt else None   # refuse an unsupported format before queueing
+            teacher.format_schema(fmt)   # refuse an unsupported format before queueing
         except (ValueError, TypeError, AttributeError) as e:
             return JSONResponse({"error": {"message": f"response_format: {e}", "type": "invalid_request_error",
                                            "param": "response_format"}}, status_code=400)
