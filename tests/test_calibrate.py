@@ -251,3 +251,15 @@ def test_fisher_scores_are_the_empirical_fisher_quadratic_form(tiny_model_dir):
         assert calls[n] == len(seqs) + 1, (n, calls[n])
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_dequant_broadcast_equals_the_expanded_grid():
+    """dequant broadcasts each block's scale and zero point; the values are those of the [N, K]-expanded
+    formula bit for bit (exact equality), per channel (block = K) and in blocks of 32, with float zero points."""
+    g = torch.Generator().manual_seed(0)
+    for block in (96, 32):
+        q = torch.randint(0, 256, (5, 96), generator=g, dtype=torch.int64).to(torch.uint8)
+        scale = torch.rand(5, 96 // block, generator=g)
+        zp = torch.rand(5, 96 // block, generator=g) * 255
+        want = (q.float() - zp.repeat_interleave(block, 1)) * scale.repeat_interleave(block, 1)
+        assert torch.equal(cal.dequant(q, scale, zp, block), want), block
