@@ -1,0 +1,125 @@
+"""Where ``onnx/int8-fast``'s error comes from: an eager emulation of its arithmetic on a real base.
+
+The recipe computes every decoder linear as int8 weights per block of 32 (symmetric, fp16 scales) times
+int8 activations per block of 32 (ONNX Runtime's ``accuracy_level: 4``), after SmoothQuant (alpha 0.5, scales
+from max |x| on the calibration text); the tied lm_head likewise, without smoothing. This script quantizes
+one part at a time and reports mean KL and top-1 against the float model, teacher-forced on calibration
+sequences (every 10th, starting at the second), the rows of recipes/README.md's error-budget table:
+
+    python benchmarks/int8_fast_error_budget.py --base /tmp/real/smollm2 [--grid asymmetric] [--out F.json]
+
+It emulates, it does not run ONNX Runtime: the "everything" row is to be compared with ``cdcda check`` of
+the artifact (KL 0.0034, top-1 0.960 on 2026-11-27) by order of magnitude only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", type=Path, required=True, help="HF model directory (float)")
+    ap.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant alpha (the recipe's smooth_alpha)")
+    ap.add_argument("--grid", choices=("symmetric", "asymmetric"), default="symmetric", help="layers' 8-bit grid")
+    ap.add_argument("--every", type=int, default=10, help="evaluate every N-th calibration sequence")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cdcda_export.export.calibrate import calibration_ids, head_inputs, smooth_scales, weight_key
+    from cdcda_export.train.format import PLAIN
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(str(args.base), dtype=torch.float32).eval()
+    seqs = calibration_ids(AutoTokenizer.from_pretrained(str(args.base)), PLAIN)
+    _, _, absmax = head_inputs(model, seqs, layers=True, hessians=False, head=False)
+
+    def q_act(x):   # int8 per block of 32 along the input channels, symmetric (level 4's activation rounding)
+        xb = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+        s = xb.abs().amax(-1, keepdim=True) / 127
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        return (torch.round(xb / s) * s).reshape(x.shape)
+
+    def q_weight(w, grid):   # int8 blocks of 32 along K, fp16 scales (MatMulNBitsQuantizer's grids)
+        n, k = w.shape
+        x = w.reshape(n, k // 32, 32)
+        if grid == "symmetric":
+            s = (x.abs().amax(-1, keepdim=True) / 127).half().float()
+            s = torch.where(s == 0, torch.ones_like(s), s)
+            return (torch.clamp(torch.round(x / s), -127, 127) * s).reshape(n, k)
+        lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+        s = ((hi - lo) / 255).half().float()
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        zp = torch.clamp(torch.round(-lo / s), 0, 255)
+        return ((torch.clamp(torch.round(x / s + zp), 0, 255) - zp) * s).reshape(n, k)
+
+    # linears that read one input share SmoothQuant's s (the export fuses q/k/v and gate/up)
+    groups = []
+    for layer in model.model.layers:
+        a, p = layer.self_attn, layer.mlp
+        groups += [[a.q_proj, a.k_proj, a.v_proj], [a.o_proj], [p.gate_proj, p.up_proj], [p.down_proj]]
+    plan = {}   # linear -> (1/s, smoothed quantized weight, quantized weight without smoothing)
+    for lins in groups:
+        w = torch.cat([lin.weight.detach() for lin in lins])
+        s = smooth_scales(absmax[weight_key(lins[0].weight.detach().T.numpy())], w, args.alpha)
+        for lin in lins:
+            w = lin.weight.detach()
+            plan[lin] = (1.0 / s, q_weight(w * s[None, :], args.grid), q_weight(w, args.grid))
+    head = model.lm_head
+    head_q = q_weight(head.weight.detach(), "symmetric")   # the recipe's 8-bit head is symmetric
+    mode = {"layers": None, "head": False}
+
+    def layer_forward(lin):
+        def fwd(x):
+            if mode["layers"] == "all":
+                inv, wq, _ = plan[lin]
+                return torch.nn.functional.linear(q_act(x * inv), wq, lin.bias)
+            if mode["layers"] == "weights":
+                return torch.nn.functional.linear(x, plan[lin][2], lin.bias)
+            return torch.nn.functional.linear(x, lin.weight, lin.bias)
+        return fwd
+
+    def head_forward(x):
+        if mode["head"]:
+            return torch.nn.functional.linear(q_act(x), head_q)
+        return torch.nn.functional.linear(x, head.weight)
+
+    for lin in plan:
+        lin.forward = layer_forward(lin)
+    head.forward = head_forward
+    evals = seqs[1::args.every]
+    with torch.no_grad():
+        ref = [torch.log_softmax(model(torch.tensor([s])).logits[0].float(), -1) for s in evals]
+
+    def score() -> dict:
+        kl = agree = n = 0
+        with torch.no_grad():
+            for s, r in zip(evals, ref):
+                lp = torch.log_softmax(model(torch.tensor([s])).logits[0].float(), -1)
+                kl += float((r.exp() * (r - lp)).sum())
+                agree += int((lp.argmax(-1) == r.argmax(-1)).sum())
+                n += len(s)
+        return {"mean_kl": kl / n, "top1": agree / n, "positions": n}
+
+    rows = {}
+    for name, layers, head_on in [("everything", "all", True), ("layers only", "all", False),
+                                  ("layers' weights only", "weights", False), ("lm_head input only", None, True)]:
+        mode.update(layers=layers, head=head_on)
+        t0 = time.perf_counter()
+        rows[name] = score()
+        print(f"{name:24s} KL {rows[name]['mean_kl']:.5f}  top-1 {rows[name]['top1']:.4f}  "
+              f"({rows[name]['positions']} positions, {time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"base": str(args.base), "alpha": args.alpha, "grid": args.grid,
+                                        "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
