@@ -37,19 +37,10 @@ def log(msg: str) -> None:
 
 
 def cpu_facts() -> dict:
-    flags = set()
-    name = "unknown"
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    from device_harness.bench_runner import _cpu_name, cpu_flags
+
     keep = ["avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "fma"]
-    return {"name": name, "cores": os.cpu_count(), "flags": [f for f in keep if f in flags]}
+    return {"name": _cpu_name(), "cores": os.cpu_count(), "flags": cpu_flags(keep)}
 
 
 def decode_speed(runner, ids: list[int], new: int, runs: int) -> dict:

@@ -33,7 +33,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cdcda_export.export.calibrate import calibration_ids, head_inputs, smooth_scales, weight_key
+    from cdcda_export.export.calibrate import (block_grid, calibration_ids, dequant, head_inputs, rtn, smooth_scales,
+                                              weight_key)
     from cdcda_export.train.format import PLAIN
 
     torch.set_num_threads(args.threads)
@@ -47,18 +48,9 @@ def main() -> None:
         s = torch.where(s == 0, torch.ones_like(s), s)
         return (torch.round(xb / s) * s).reshape(x.shape)
 
-    def q_weight(w, grid):   # int8 blocks of 32 along K, fp16 scales (MatMulNBitsQuantizer's grids)
-        n, k = w.shape
-        x = w.reshape(n, k // 32, 32)
-        if grid == "symmetric":
-            s = (x.abs().amax(-1, keepdim=True) / 127).half().float()
-            s = torch.where(s == 0, torch.ones_like(s), s)
-            return (torch.clamp(torch.round(x / s), -127, 127) * s).reshape(n, k)
-        lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
-        s = ((hi - lo) / 255).half().float()
-        s = torch.where(s == 0, torch.ones_like(s), s)
-        zp = torch.clamp(torch.round(-lo / s), 0, 255)
-        return ((torch.clamp(torch.round(x / s + zp), 0, 255) - zp) * s).reshape(n, k)
+    def q_weight(w, grid):   # int8 blocks of 32 along K, fp16 scales (MatMulNBitsQuantizer's grids), dequantized
+        scale, zp = block_grid(w, 32, bits=8, grid=grid)
+        return dequant(rtn(w, scale, zp, 32, bits=8), scale, zp, 32)
 
     # linears that read one input share SmoothQuant's s (the export fuses q/k/v and gate/up)
     groups = []

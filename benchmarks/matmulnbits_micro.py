@@ -20,7 +20,10 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
+from device_harness.bench_runner import cpu_flags
+
 rng = np.random.default_rng(0)
+FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
 
 
 def model(K, N, bits, acc):
@@ -37,15 +40,6 @@ def model(K, N, bits, acc):
         q.process()
         p = q.model.model
     return p.SerializeToString()
-
-
-def cpu_flags() -> list[str]:
-    want = {"avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile"}
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return []
-    return sorted(want & set(text.split()))
 
 
 def main() -> None:
@@ -74,7 +68,7 @@ def main() -> None:
                 print(key, res[key], "us", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"onnxruntime": ort.__version__, "cpu_flags": cpu_flags(), "us_per_call": res}, f, indent=1)
+            json.dump({"onnxruntime": ort.__version__, "cpu_flags": cpu_flags(FLAGS), "us_per_call": res}, f, indent=1)
 
 
 if __name__ == "__main__":

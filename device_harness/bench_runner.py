@@ -166,6 +166,21 @@ def describe() -> dict:
     }
 
 
+def cpu_flags(keep) -> list[str]:
+    """The CPU feature flags of ``keep`` (names as /proc/cpuinfo writes them) that this host has, in ``keep``'s
+    order; [] where /proc/cpuinfo cannot be read (not Linux)."""
+    try:
+        text = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()
+    except OSError:
+        return []
+    have = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            break
+    return [f for f in keep if f in have]
+
+
 def _poll_vmhwm(pid: int, box: list, stop: threading.Event) -> None:
     """Largest VmHWM (kB) seen in /proc/<pid>/status while the child runs (Linux only)."""
     path = f"/proc/{pid}/status"
