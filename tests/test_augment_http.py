@@ -138,12 +138,13 @@ class FaultServer:
                 while action[0] == "sleep":
                     time.sleep(action[1])
                     action = action[2]
-                if action[0] in ("ok", "trickle"):
+                if action[0] in ("ok", "trickle", "cut"):
+                    finish = "length" if action[0] == "cut" else "stop"   # "cut": the reply ran to max_tokens
                     reply = {"id": "x", "object": "chat.completion", "model": "fault-model",
-                             "choices": [{"index": 0, "finish_reason": "stop",
+                             "choices": [{"index": 0, "finish_reason": finish,
                                           "message": {"role": "assistant", "content": action[-1]}}],
                              "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
-                    if action[0] == "ok":
+                    if action[0] in ("ok", "cut"):
                         self._send(200, reply)
                     else:
                         self._trickle(json.dumps(reply).encode(), action[1])
@@ -300,6 +301,40 @@ def test_malformed_replies_are_reasked_within_budget(tmp_path):
     tr = rep["this_run"]
     assert tr["requests"] == 2 * 2 and tr["malformed"] == 4 and tr["malformed_gave_up"] == 2
     assert rep["status"] == "complete" and rep["kept_total"] == 0
+
+
+def test_a_reply_cut_at_max_tokens_is_asked_again_from_the_first_prompt(tmp_path):
+    """A reply that ran to max_tokens (finish_reason "length"; a small teacher looping inside one JSON string)
+    is not corrected in conversation: carrying it grew every re-ask by max_tokens until the teacher's context
+    overflowed. The re-ask sends the first prompt unchanged with a new seed (a seeded teacher would repeat the
+    cut reply), and a malformed reply that was not cut is still corrected in conversation."""
+    loop = '{"examples": [{"input": "' + "[MARKER_BLOB{" * 300
+
+    def policy(srv, body, n):
+        msgs = body["messages"]
+        if len(msgs) == 2 and n == 1:
+            return ("cut", loop)                        # first ask of each request: cut, and malformed
+        return ok(msgs[:2])
+
+    with FaultServer(policy) as srv:
+        rep = run_augment(cfg(tmp_path, srv.url, max_users=1))
+    tr = rep["this_run"]
+    assert tr["malformed"] == 2 and tr["reasks"] == 2 and tr["reasks_after_cut"] == 2, tr
+    assert rep["kept_total"] == 4 and tr["malformed_gave_up"] == 0
+    bodies = [e["body"] for e in srv.log]
+    assert len(bodies) == 4 and all(len(b["messages"]) == 2 for b in bodies), [len(b["messages"]) for b in bodies]
+    assert not any(loop[:40] in json.dumps(b["messages"]) for b in bodies)
+    by_prompt: dict = {}
+    for b in bodies:
+        by_prompt.setdefault(body_sha(b["messages"]), []).append(b["seed"])
+    assert len(by_prompt) == 2 and all(len(set(seeds)) == 2 for seeds in by_prompt.values()), by_prompt
+
+    # Not cut (finish_reason "stop") but malformed: corrected in conversation as before.
+    with FaultServer(lambda s, b, n: ("ok", "no json") if len(b["messages"]) == 2 else ok(b["messages"][:2])) as srv:
+        rep = run_augment(cfg(tmp_path, srv.url, out=tmp_path / "stop", max_users=1))
+    tr = rep["this_run"]
+    assert tr["reasks"] == 2 and tr["reasks_after_cut"] == 0 and rep["kept_total"] == 4
+    assert sorted(len(e["body"]["messages"]) for e in srv.log) == [2, 2, 4, 4]
 
 
 def test_injected_and_invalid_examples_are_filtered(tmp_path):

@@ -128,6 +128,7 @@ class RunStats:
     cache_hits: int = 0
     malformed: int = 0
     reasks: int = 0
+    reasks_after_cut: int = 0         # of ``reasks``: replies cut at max_tokens, asked again from the first prompt
     malformed_gave_up: int = 0
     failed_requests: int = 0
     budget_exhausted: bool = False
@@ -242,9 +243,13 @@ class Augmenter:
         usage_total = Counter()
         keys = []
         malformed = 0
+        cut_reasks = 0
         for attempt in range(c.max_reasks + 1):
+            # A re-ask after a cut reply sends the first prompt again, so it needs its own seed: a seeded teacher
+            # would otherwise repeat the reply that ran to max_tokens token for token.
+            seed = _seed(c.seed, uid, r) if not cut_reasks else _seed(c.seed, uid, r, "cut", cut_reasks)
             key = cache_key(template=t.version, template_sha256=t.sha256, model=c.model, params={**self._gen_params(), "reply_schema": sha256_text(json.dumps(schema, sort_keys=True))},
-                            messages=msgs, attempt=attempt, seed=_seed(c.seed, uid, r))
+                            messages=msgs, attempt=attempt, seed=seed)
             keys.append(key)
             entry = self.cache.get(key)
             if entry is not None:
@@ -259,8 +264,7 @@ class Augmenter:
                                   messages_sha256=body_sha, bytes=len(json.dumps(msgs).encode()),
                                   model=c.model, base_url=safe_url(c.base_url))
                 reply = await self.client.chat(msgs, temperature=c.temperature, max_tokens=c.max_tokens,
-                                               top_p=c.top_p, seed=_seed(c.seed, uid, r) % (2**31),
-                                               schema=schema)
+                                               top_p=c.top_p, seed=seed % (2**31), schema=schema)
                 entry = {"key": key, "content": reply.content, "usage": reply.usage, "model": reply.model,
                          "finish_reason": reply.finish_reason, "json_mode": reply.json_mode,
                          "messages_sha256": body_sha, "created_at": now_iso()}
@@ -273,8 +277,17 @@ class Augmenter:
                 malformed += 1
                 if attempt < c.max_reasks:
                     self.stats.reasks += 1
-                    msgs = msgs + [{"role": "assistant", "content": (entry.get("content") or "")[:4000]},
-                                   t.reask_message(str(e), c.per_request)]
+                    if entry.get("finish_reason") == "length":
+                        # Cut at max_tokens (typically a small teacher looping inside one JSON string): there is
+                        # nothing to correct, and carrying the cut reply into the conversation grows every
+                        # re-ask by max_tokens until it overflows the teacher's context (seen with a 2,048-token
+                        # artifact teacher: prompts of 440 -> 1,508 -> 2,032 tokens). Ask the first prompt again.
+                        self.stats.reasks_after_cut += 1
+                        cut_reasks += 1
+                        msgs = list(messages)
+                    else:
+                        msgs = msgs + [{"role": "assistant", "content": (entry.get("content") or "")[:4000]},
+                                       t.reask_message(str(e), c.per_request)]
                 continue
             meta = {"model": entry.get("model"), "request": keys[-1][:16], "attempts": attempt + 1}
             return items, {"usage": dict(usage_total), "meta": meta, "replies": attempt + 1, "malformed": malformed}
