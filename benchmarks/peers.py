@@ -47,16 +47,11 @@ def log(msg: str) -> None:
 
 
 def machine(bandwidth: dict) -> dict:
-    from device_harness.bench_runner import describe
+    from device_harness.bench_runner import cpu_flags, describe
 
     d = describe()
-    flags = ""
-    try:
-        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "avxvnni")
-           if f" {f}" in flags]
+    # whole flag names (a substring test took "avx512f" from "avx512fp16")
+    isa = cpu_flags(("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "avxvnni"))
     mem = None
     try:
         mem = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines()
