@@ -72,6 +72,10 @@ class Quantization:
     # float model: a base already on the grid (Q4_1-derived) stays exact, an off-grid (LoRA-merged) one gains
     layers_calibration: str | None = field(default=None, metadata={"choices": (None, "gptq")})
     hot_rows: int = 0
+    # Precision of the hot rows: 8 (Q8_0 blocks, for a 4-bit head: the rows' weights are what costs there) or 32
+    # (float weights read by a plain MatMul on the unrounded head input: for an int8 head at accuracy_level 4,
+    # whose error is the int8 rounding of its input; the tied embedding keeps reading the int8 table)
+    hot_rows_bits: int = field(default=8, metadata={"choices": (8, 32)})
     # ExecuTorch 8da4w / 8da8w: SmoothQuant (Xiao et al. 2022) migration strength. Each linear's input is divided
     # by s = max|x|^a / max|w|^(1-a) per input channel (calibration text as above) and its weight columns
     # multiplied by s, so outlier channels survive per-token int8 activations; with a 4-bit grid s is constant
@@ -99,6 +103,8 @@ class Quantization:
             raise ValueError(f"quantization.smooth_alpha: {self.smooth_alpha!r} is not allowed; allowed: 0 < a < 1")
         if self.hot_rows < 0:
             raise ValueError(f"quantization.hot_rows: {self.hot_rows!r} is not allowed; allowed: 0 or more rows")
+        if self.hot_rows_bits not in (8, 32):
+            raise ValueError(f"quantization.hot_rows_bits: {self.hot_rows_bits!r} is not allowed; allowed: 8, 32")
         bad = [k for k in self.eight_bit if k not in ("down_proj",)]
         if bad:
             raise ValueError(f"quantization.eight_bit: {bad!r} is not allowed; allowed: down_proj")
