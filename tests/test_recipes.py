@@ -144,6 +144,33 @@ def test_cli_recipes_lists_table():
     assert "onnx/int4" in res.output and "int4 b32" in res.output
 
 
+def test_cli_recipes_shows_each_recipes_gate():
+    """`cdcda recipes` shows the thresholds `cdcda check` holds each recipe to: a speed recipe's own (marked *)
+    beside the scheme's defaults, read from the same resolution `cdcda check` uses."""
+    from typer.testing import CliRunner
+
+    from cdcda_export.check.thresholds import resolve_thresholds
+    from cdcda_export.cli import app
+
+    r, _ = resolve_recipe("onnx/int8-fast")
+    values, sources = resolve_thresholds({"format": "onnx", "recipe": {"resolved": r.to_dict()}})
+    assert sources["top1_agreement"] == "recipe" and sources["task_metric_drop"].startswith("default:")
+    res = CliRunner().invoke(app, ["recipes"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+
+    def block(key: str) -> str:   # the recipe's lines up to the blank one after it, as one line of words
+        i = next(i for i, ln in enumerate(lines) if ln.startswith(key + " "))
+        j = next(j for j in range(i + 1, len(lines)) if not lines[j].strip())
+        return " ".join(" ".join(lines[i:j]).split())
+
+    fast = block("onnx/int8-fast")
+    assert f"top-1 >= {values['top1_agreement']:g}*" in fast, fast
+    assert f"KL <= {values['mean_kl']:g}*" in fast and f"task drop <= {values['task_metric_drop']:g} " in fast
+    fp32 = block("onnx/fp32")
+    assert "gate: max|dlogit| <= 0.001" in fp32 and "KL <= 1e-05" in fp32 and "free greedy >= 0.9," in fp32, fp32
+
+
 def test_palettize_4bit_avoids_the_ane_for_coremltools_2716():
     """coremltools issue #2716 (open): a 4-bit palettized *stateful* model converted with coremltools 9.0
     crashes on the Neural Engine after 100-200 predictions. coreml/palettize-4bit is exactly that, so it

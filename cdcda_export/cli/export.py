@@ -109,8 +109,9 @@ def _adapter_delivery(base, recipe, out, adapter, set_, force, quiet, allow_base
 
 @app.command("recipes")
 def recipes_cmd():
-    """List the shipped recipes: name, format, quantization, target, whether it runs on this host, and
-    what it is for (a table on wide terminals; one block per recipe below 120 columns)."""
+    """List the shipped recipes: name, format, quantization, target, whether it runs on this host, what it
+    is for, and the fidelity gate `cdcda check` holds its artifacts to (the scheme's defaults, with the
+    recipe's own thresholds marked *). A table on wide terminals; one block per recipe below 120 columns."""
     from rich.console import Console
     from rich.markup import escape
     from rich.padding import Padding
@@ -124,7 +125,7 @@ def recipes_cmd():
         q = r.quantization
         qs = q.scheme + (f" b{q.block_size or q.group_size}" if (q.block_size or q.group_size) else "")
         rows.append((e.key, r.format, qs, r.target, "yes" if r.runs_on_this_host() else "no (needs macOS)",
-                     r.description))
+                     r.description + "\ngate: " + recipe_gate(r)))
     console = Console()
     if console.width >= 120:
         t = Table("recipe", "format", "quantization", "target", "runs here")
@@ -132,13 +133,34 @@ def recipes_cmd():
             c.no_wrap = True
         t.add_column("description", overflow="fold", ratio=1)   # whole: known risks (e.g. #2716) are in it
         for row in rows:
-            t.add_row(*row)
+            t.add_row(*(escape(x) for x in row))
         console.print(t)
         return
     for key, fmt, qs, target, here, desc in rows:   # narrow: every field readable, the description wrapped
         console.print(f"[bold]{escape(key)}[/]  {escape(fmt)}, {escape(qs)}, {escape(target)}, "
                       f"runs here: {escape(here)}")
         console.print(Padding(escape(desc), (0, 0, 1, 2), expand=False))
+
+
+_GATE_LABELS = {"top1_agreement": "top-1", "mean_kl": "KL", "max_abs_logit_err": "max|dlogit|",
+                "greedy_match_rate": "greedy", "greedy_match_rate_free": "free greedy", "ppl_ratio": "ppl x",
+                "task_metric_drop": "task drop"}
+
+
+def recipe_gate(recipe) -> str:
+    """The thresholds `cdcda check` applies to this recipe's artifacts (check/thresholds.py: scheme defaults,
+    then the recipe's ``thresholds``), one line; * marks a threshold the recipe sets itself."""
+    from ..check.thresholds import DIRECTION, GATED, resolve_thresholds
+
+    values, sources = resolve_thresholds({"format": recipe.format, "recipe": {"resolved": recipe.to_dict()}})
+    parts = []
+    for m in GATED:
+        v = values.get(m)
+        if v is None:
+            continue
+        op = "<=" if DIRECTION[m] == "max" else ">="
+        parts.append(f"{_GATE_LABELS[m]} {op} {v:g}{'*' if sources.get(m) == 'recipe' else ''}")
+    return ", ".join(parts) + ("  (* set by the recipe)" if "recipe" in sources.values() else "")
 
 
 @app.command("generate")
