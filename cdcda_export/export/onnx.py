@@ -569,7 +569,7 @@ def _hot_rows(proto, w_kn, calib, n_rows: int, block: int, accuracy_level: int, 
 
     ``bits`` 32: the rows' float weights in a plain MatMul on the head's unrounded input instead. That is for an
     int8 head at ``accuracy_level`` 4, whose error is not its weights but the int8 rounding of its input (per
-    block of 32, the residual stream's outlier channels set the scale). Real SmolLM2-135M, ``onnx/int8-fast``
+    block of ``block_size``, where the residual stream's outlier channels set the scale). Real SmolLM2-135M, ``onnx/int8-fast``
     emulated (benchmarks/int8_fast_error_budget.py), the head's rounding alone: top-1 0.975 -> 0.999 with 1024
     float rows, KL 0.00095 -> 0.00027. The tied embedding keeps reading the int8 table (a lookup has no input
     to round, and Q8_0 blocks are SmolLM2's own embedding grid)."""
