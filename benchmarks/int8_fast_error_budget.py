@@ -56,14 +56,13 @@ def main() -> None:
     seqs = calibration_ids(AutoTokenizer.from_pretrained(str(args.base)), PLAIN)
     _, _, absmax = head_inputs(model, seqs, layers=True, hessians=False, head=False)
     hess = {}
-    calib = [s for i, s in enumerate(seqs) if i % args.every != 1]   # what score() does not read
-    if args.gptq:   # Hessians on the sequences score() does not read, so the GPTQ rows are not in-sample
-        _, hess, _ = head_inputs(model, calib, layers=True, hessians=True, head=False)
     hot_counts = [int(n) for n in args.hot_rows.split(",") if n.strip()]
     ranked = None
-    if hot_counts:
-        hidden, _, _ = head_inputs(model, calib)
-        ranked = hot_rows(model.lm_head.weight.detach(), hidden, max(hot_counts))
+    if args.gptq or hot_counts:   # one pass over the sequences score() does not read, so neither is in-sample:
+        calib = [s for i, s in enumerate(seqs) if i % args.every != 1]   # GPTQ's Hessians, the hot rows' inputs
+        hidden, hess, _ = head_inputs(model, calib, layers=args.gptq, hessians=True, head=bool(hot_counts))
+        if hot_counts:
+            ranked = hot_rows(model.lm_head.weight.detach(), hidden, max(hot_counts))
         del hidden
 
     B = args.block

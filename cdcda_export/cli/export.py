@@ -160,7 +160,7 @@ def recipe_gate(recipe) -> str:
             continue
         op = "<=" if DIRECTION[m] == "max" else ">="
         parts.append(f"{_GATE_LABELS[m]} {op} {v:g}{'*' if sources.get(m) == 'recipe' else ''}")
-    return ", ".join(parts) + ("  (* set by the recipe)" if "recipe" in sources.values() else "")
+    return ", ".join(parts) + ("  (* set by the recipe)" if any(p.endswith("*") for p in parts) else "")
 
 
 @app.command("generate")

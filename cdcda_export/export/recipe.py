@@ -103,8 +103,6 @@ class Quantization:
             raise ValueError(f"quantization.smooth_alpha: {self.smooth_alpha!r} is not allowed; allowed: 0 < a < 1")
         if self.hot_rows < 0:
             raise ValueError(f"quantization.hot_rows: {self.hot_rows!r} is not allowed; allowed: 0 or more rows")
-        if self.hot_rows_bits not in (8, 32):
-            raise ValueError(f"quantization.hot_rows_bits: {self.hot_rows_bits!r} is not allowed; allowed: 8, 32")
         bad = [k for k in self.eight_bit if k not in ("down_proj",)]
         if bad:
             raise ValueError(f"quantization.eight_bit: {bad!r} is not allowed; allowed: down_proj")
