@@ -19,6 +19,8 @@ With the default random-weight ``tiny`` base the numbers measure the pipeline, n
     python benchmarks/augmentation_ablation.py                       # all sample tasks, offline only
     python benchmarks/augmentation_ablation.py --tasks LaMP-3 --teacher-url http://127.0.0.1:8000/v1 \\
         --teacher-model NAME                                         # + teacher row
+    python scripts/make_sample_data.py --users 12 --out /tmp/lamp12 && \\
+        python benchmarks/augmentation_ablation.py --sample /tmp/lamp12 ...     # more users per task
 
 Writes ``benchmarks/results/augmentation_ablation.{md,json}``.
 """
@@ -109,7 +111,14 @@ def run_task(name: str, base: Path, work: Path, args) -> list[dict]:
     from cdcda_export.train import train_users
 
     task = get_task(name)
-    q, o = (Path(p) for p in sample_paths(name))
+    if args.sample:   # a larger sample from scripts/make_sample_data.py --users N --out DIR
+        q, o = args.sample / name / "questions.json", args.sample / name / "outputs.json"
+        for f in (q, o):
+            if not f.is_file():
+                sys.exit(f"error: {f} does not exist (--sample expects DIR/{name}/questions.json and outputs.json); "
+                         f"write one with: python scripts/make_sample_data.py --users 12 --out {args.sample}")
+    else:
+        q, o = (Path(p) for p in sample_paths(name))
     ds = load_lamp(name, q, o)
     held = heldout_items(task, ds.users, args.seed, args.holdout)
     tdir = work / name
@@ -170,6 +179,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(SAMPLE_TASKS))
     ap.add_argument("--base", type=Path, help="HF base model dir [default: random-weight --arch]")
+    ap.add_argument("--sample", type=Path, help="a LaMP-format sample dir (DIR/LaMP-N/{questions,outputs}.json, "
+                    "e.g. from scripts/make_sample_data.py --users 12) [default: the shipped 4-user sample]")
     ap.add_argument("--arch", default="tiny")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".cache" / "augmentation_ablation")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "augmentation_ablation")
@@ -205,7 +216,8 @@ def main() -> None:
         rows += run_task(name, Path(base), args.work, args)
         print(f"{name}: done in {time.time() - t0:.0f}s", flush=True)
 
-    lines = ["# Augmentation ablation (LaMP sample data)", "",
+    sample = f"`{args.sample}`" if args.sample else "the shipped sample"
+    lines = [f"# Augmentation ablation (LaMP-format sample data: {sample})", "",
              f"Base: `{base}` ({'random weights, ' + args.arch if not args.base else 'given'}); "
              f"epochs {args.epochs}, rank {args.rank}, lr {args.lr}, seed {args.seed}, holdout {args.holdout}, "
              f"synthetic ratio {args.synthetic_ratio}, per-user {args.per_user}. "
