@@ -379,6 +379,40 @@ def test_weight_only_int8_xnnpack_repro_still_shows_the_upstream_bug():
         "and reconsider WEIGHT_ONLY_BROKEN")
 
 
+def test_gelu_tanh_is_spelled_out_for_xnnpack_while_the_stock_lowering_runs_erf():
+    """executorch 1.5.1's XNNPACK delegate runs aten.gelu(approximate="tanh") as erf GELU (4.7e-4 off; upstream
+    PR #22851). The formula our ExecuTorch export writes instead (spell_out_gelu_tanh) lowers within 1e-5 of the
+    tanh GELU (float64 reference on [-6, 6]). When an upgrade fixes the stock lowering, the second assertion fails
+    and says so."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("repro_gelu", Path(__file__).parents[1] / "benchmarks" / "repros"
+                                                  / "xnnpack_gelu_tanh.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    errs = mod.errors()
+    assert errs["spelled out"] < 1e-5, errs
+    assert errs["aten.gelu(approximate='tanh')"] > 1e-4, (
+        f"XNNPACK now lowers tanh GELU correctly ({errs}): spell_out_gelu_tanh in export/decoder.py can go")
+
+
+def test_spell_out_gelu_tanh_swaps_only_tanh_gelu_mlps(tiny_model_dir):
+    """Gemma 3's GeGLU MLPs get the spelled-out formula (same outputs to 1e-6); SwiGLU (llama) ones are left."""
+    import torch
+
+    from cdcda_export.export.api import load_merged_model
+    from cdcda_export.export.decoder import ExportDecoder, gelu_tanh_spelled_out, spell_out_gelu_tanh
+
+    for arch, want in (("tiny-gemma3", 2), ("tiny", 0)):
+        dec = ExportDecoder.from_hf(load_merged_model(tiny_model_dir(arch)), max_seq_len=32)
+        x = torch.randn(1, 3, dec.spec.hidden_size)
+        before = [layer.mlp(x) for layer in dec.layers]
+        assert spell_out_gelu_tanh(dec) == want
+        after = [layer.mlp(x) for layer in dec.layers]
+        assert all(float((a - b).abs().max()) < 1e-6 for a, b in zip(before, after))
+        assert all((layer.mlp.act is gelu_tanh_spelled_out) == bool(want) for layer in dec.layers)
+
+
 @pytest.mark.integration
 def test_rope_as_matmul_is_exact_and_removes_dynamic_slices():
     """Workaround for XNNPACK's no-dynamic-slice rule: rotate_half as linear(x, W) (decoder.rope_as_matmul)."""

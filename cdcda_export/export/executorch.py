@@ -612,6 +612,7 @@ def _unsupported(recipe) -> None:
 @register_exporter("executorch")
 def export_executorch(job) -> dict:
     """Write ``model.pte`` into ``job.out_dir``; return the manifest facts (io, quantization, delegation)."""
+    from .decoder import spell_out_gelu_tanh
     from .et_ops import CustomOpsKVCache, SymbolicViewToInferred, load_custom_ops
 
     rec = job.recipe
@@ -637,6 +638,7 @@ def export_executorch(job) -> dict:
     # with no kernel ("Missing out variants"). padding_idx only masks gradients: dropping it changes
     # no output.
     dec.embed_tokens.padding_idx = None
+    spell_out_gelu_tanh(dec)   # XNNPACK (executorch 1.5.1) runs aten.gelu(approximate="tanh") as erf GELU
     last_only = rec.xnnpack.prefill_logits == "last"
     dec.last_logits_only = last_only
     t0 = time.perf_counter()
