@@ -148,6 +148,7 @@ def run_task(name: str, base: Path, work: Path, args) -> list[dict]:
                                             "replies": rep["teacher_replies"], "tokens": rep["tokens"],
                                             "malformed": rep["malformed_replies"], "candidates": rep["candidates"],
                                             "requests": rep["requests"], "reasks": rep["this_run"].get("reasks", 0),
+                                            "reasks_after_cut": rep["this_run"].get("reasks_after_cut", 0),
                                             "status": rep["status"], "seconds": round(time.time() - t0, 1)}
         configs.append(("lora real+teacher", tdir / "syn_teacher"))
 
@@ -236,7 +237,8 @@ def main() -> None:
         a = r.get("augment")
         if a:
             extra = (f", teacher replies {a['replies']} ({a['malformed']} malformed), "
-                     f"re-asks {a.get('reasks', '-')} over {a.get('requests', '-')} HTTP requests, "
+                     f"re-asks {a.get('reasks', '-')} ({a.get('reasks_after_cut', '-')} after a reply cut at max_tokens) "
+                     f"over {a.get('requests', '-')} HTTP requests, "
                      f"candidates {a.get('candidates', '-')}, tokens {a['tokens']['total_tokens']}") if "replies" in a else ""
             rejected = ", ".join(f"{k} {v}" for k, v in a["filters"].items() if v)
             lines.append(f"- {r['task']} {r['config'].split()[-1]}: kept {a['kept']}{extra}; rejected: "
