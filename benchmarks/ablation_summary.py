@@ -39,7 +39,8 @@ def load_runs(pattern: str) -> list[dict]:
                 continue
             runs.append({"file": Path(f).name, "task": task, "seed": int(d["args"].get("seed", 0)),
                          "sample": d["args"].get("sample") or "shipped (4 users)",
-                         "teacher": d["args"].get("teacher_model"), "created_at": d.get("created_at"),
+                         "teacher": d["args"].get("teacher_model") if d["args"].get("teacher_model") not in (None, "None")
+                         else None, "created_at": d.get("created_at"),
                          "rows": rows})
     return sorted(runs, key=lambda r: (int(r["task"].split("-")[1]), r["seed"], r["file"]))
 
