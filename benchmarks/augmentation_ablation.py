@@ -28,6 +28,7 @@ Writes ``benchmarks/results/augmentation_ablation.{md,json}``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -121,7 +122,9 @@ def run_task(name: str, base: Path, work: Path, args) -> list[dict]:
         q, o = (Path(p) for p in sample_paths(name))
     ds = load_lamp(name, q, o)
     held = heldout_items(task, ds.users, args.seed, args.holdout)
-    tdir = work / name
+    # a --sample run gets its own folder, keyed by the file's content: its user ids (1000, 1001, ...) repeat the
+    # shipped sample's, and train_users would otherwise resume another sample's adapters as if they were these
+    tdir = work / name if not args.sample else work / f"{name}-{hashlib.sha256(q.read_bytes()).hexdigest()[:12]}"
     tdir.mkdir(parents=True, exist_ok=True)
     q_train = train_only_questions(q, held, tdir / "questions_train_only.json")
     common = dict(epochs=args.epochs, seed=args.seed, holdout=args.holdout, progress=False, rank=args.rank,
