@@ -10,7 +10,7 @@ SmolLM2-135M's LoRA shapes, and times the ways the adapter tensors could be fed:
 * ``fp32``              -- fp32 inputs, no Cast (the adapter file doubles)
 * ``fp16 compute``      -- fp16 MatMuls on fp16 inputs (x cast to fp16, the result back to fp32)
 * ``int8+Dequantize``   -- int8 inputs + per-column fp32 scales, DequantizeLinear(axis=1) (3.07 MB with the
-  scales instead of 4.88: what a <= 2% payload on a ~150 MB base package would need at rank 8)
+  per-column scales instead of 4.88 MB)
 * ``int8+Cast*scale``   -- int8 inputs, Cast then Mul by the per-column scales
 * ``int8 DQMatMul``     -- com.microsoft.DynamicQuantizeMatMul on int8 inputs (activations quantized per tensor)
 * ``fp16+Cast, fused A`` -- q/k/v's and gate/up's A concatenated into one input each (one MatMul for the group,
