@@ -550,6 +550,24 @@ def test_serve_teacher_enforces_the_json_response_format(teacher_url):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
 
 
+DEAD_END_SCHEMA = {"type": "object", "properties": {"q": {"type": "string", "pattern": '^a"b$'}},
+                   "required": ["q"], "additionalProperties": False}
+
+
+def test_serve_teacher_answers_400_when_the_schema_admits_no_next_token(teacher_url):
+    """A schema lm-format-enforcer cannot continue (a pattern with a literal quote inside the string: after
+    '{"q":"a' no token is allowed) stops generation with a 400 naming response_format and the text so far. Before,
+    the all -inf row became NaN probabilities and the request failed with a 500."""
+    r = httpx.post(f"{teacher_url}/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 64, "temperature": 1.0,
+        "seed": 0, "response_format": {"type": "json_schema", "json_schema": {"schema": DEAD_END_SCHEMA}}},
+        timeout=120)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "response_format" and "allows no next token" in err["message"], err
+    assert '"q"' in err["message"], err   # the text written before the dead end
+
+
 def test_serve_teacher_on_an_exported_artifact(tiny_base, tiny_artifact):
     """serve-teacher on a `cdcda export` artifact (its own runtime, prefill + one decode call per token): greedy
     replies are the Hugging Face model's own tokens (onnx/fp32 of the same tiny model, 24 tokens), the JSON
@@ -574,6 +592,12 @@ def test_serve_teacher_on_an_exported_artifact(tiny_base, tiny_artifact):
     assert again["text"] == r["text"]
     free = [on_art.complete(msgs, max_tokens=16, temperature=1.0, top_p=0.9, seed=s)["text"] for s in (1, 1, 2)]
     assert free[0] == free[1] and free[0] != free[2], free
+    # the artifact's own sampler meets a schema dead end the same way: an error, not NaN probabilities
+    from cdcda_export.augment.serve import SchemaDeadEnd
+
+    with pytest.raises(SchemaDeadEnd, match="allows no next token"):
+        on_art.complete(msgs, max_tokens=48, temperature=1.0, seed=0,
+                        response_format={"type": "json_schema", "json_schema": {"schema": DEAD_END_SCHEMA}})
 
 
 def test_serve_teacher_stops_generating_for_a_client_that_left(teacher_server, monkeypatch):

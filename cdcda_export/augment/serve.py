@@ -26,6 +26,21 @@ from typing import Any
 from ..errors import UserError
 
 
+class SchemaDeadEnd(ValueError):
+    """The reply's JSON schema admits no next token: lm-format-enforcer returned an empty allowed set. Seen with a
+    ``pattern`` that needs a literal ``"`` inside a string (``'^a"b$'``: the JSON text would need ``\\"``, which the
+    enforcer's regex does not take). Before, the sampler normalised an all ``-inf`` row into NaN probabilities and
+    the request failed with HTTP 500 ("Probabilities contain NaN"); transformers' ``generate`` would have sampled
+    from a row of ``-inf`` the same way. Now generation stops and the server answers 400 naming
+    ``response_format`` and the text written so far."""
+
+    def __init__(self, partial: str):
+        self.partial = partial
+        super().__init__(f"the JSON schema allows no next token after {partial[-200:]!r} (lm-format-enforcer found "
+                         "none); the schema cannot be met as written: check 'pattern' (a literal quote inside a "
+                         "JSON string needs escaping the enforcer does not do) or send type json_object")
+
+
 def _render(tokenizer, messages: list[dict]) -> tuple[list[int], bool]:
     """Token ids of the prompt and whether the chat template was used."""
     if getattr(tokenizer, "chat_template", None):
@@ -201,6 +216,8 @@ class LocalTeacher:
             x = np.asarray(logits, dtype=np.float64)
             if enforcer is not None:
                 allowed = enforcer.get_allowed_tokens(list(ids) + out).allowed_tokens
+                if not len(allowed):
+                    raise SchemaDeadEnd(self.tokenizer.decode(out, skip_special_tokens=True))
                 keep = np.full_like(x, -np.inf)
                 keep[allowed] = x[allowed]
                 x = keep
@@ -234,8 +251,13 @@ class LocalTeacher:
             if eos is not None:
                 kwargs["eos_token_id"] = eos
             if enforcer is not None:
-                kwargs["prefix_allowed_tokens_fn"] = (
-                    lambda _batch, seq: enforcer.get_allowed_tokens(seq.tolist()).allowed_tokens)
+                def allowed_tokens(_batch, seq):
+                    allowed = enforcer.get_allowed_tokens(seq.tolist()).allowed_tokens
+                    if not len(allowed):
+                        raise SchemaDeadEnd(self.tokenizer.decode(seq[len(ids):].tolist(), skip_special_tokens=True))
+                    return allowed
+
+                kwargs["prefix_allowed_tokens_fn"] = allowed_tokens
             if cancel is not None:
                 from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -313,6 +335,9 @@ def create_app(teacher: LocalTeacher):
                 temperature=float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0),
                 top_p=float(body.get("top_p") or 1.0), seed=body.get("seed"), stop=stop, cancel=cancel,
                 response_format=fmt)
+        except SchemaDeadEnd as e:
+            return JSONResponse({"error": {"message": f"response_format: {e}", "type": "invalid_request_error",
+                                           "param": "response_format"}}, status_code=400)
         finally:
             done.set()
             await watcher
