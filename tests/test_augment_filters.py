@@ -169,6 +169,17 @@ def test_codec_roundtrip_single_and_multi_slot():
     assert c1.view(q1) == "Orbits | Comets | Bread"
     text, rebuild = c1.editable(q1)
     assert text == "Orbits" and rebuild("Moons") == t1.question_template.format(title="Moons", ref1="Comets", ref2="Bread")
+    # the teacher sees a multi-slot question as its slots, and its objects become questions again
+    assert c1.fields(q1) == {"title": "Orbits", "ref1": "Comets", "ref2": "Bread"} and c1.fields("free text") is None
+    assert c1.from_fields(c1.fields(q1)) == q1
+    assert c1.from_fields({"title": " Orbits\n of  moons ", "ref1": "Comets", "ref2": "Bread"}) == \
+        t1.question_template.format(title="Orbits of moons", ref1="Comets", ref2="Bread")   # one line, as in LaMP
+    for bad in ({"title": "Orbits", "ref1": "Comets"}, {"title": "Orbits", "ref1": "Comets", "ref2": "Bread", "x": "y"},
+                {"title": "Orbits", "ref1": "", "ref2": "Bread"}, {"title": "Orbits", "ref1": 3, "ref2": "Bread"},
+                {"title": "Orbits", "ref1": 'Comets" [2]: "Moons', "ref2": "Bread"}, "Orbits", None):
+        assert c1.from_fields(bad) is None, bad
+    b = c1.slot_bounds([q1, t1.question_template.format(title="A longer title", ref1="C", ref2="Bread rolls")], 4.0, 50)
+    assert b == {"title": (1, 50), "ref1": (1, 25), "ref2": (1, 45)}, b
 
 
 def test_offline_augmenter_is_deterministic_and_keeps_labels():
@@ -188,12 +199,20 @@ def test_offline_augmenter_is_deterministic_and_keeps_labels():
 
 def test_templates_are_versioned_package_files():
     t = load_template("LaMP-2", get_task("LaMP-2").labels)
-    assert t.version == "LaMP-2@v1+base@v1" and len(t.sha256) == 64
+    assert t.version == "LaMP-2@v1+base@v2" and len(t.sha256) == 64
     msgs = t.messages([("desc one", "comedy"), ("desc two", "sci-fi")], k=3)
     assert [m["role"] for m in msgs] == ["system", "user"]
     user = msgs[1]["content"]
     assert "twist ending" in user and "Write 3 NEW examples" in user
     assert json.dumps({"input": "desc one", "output": "comedy"}) in user
     assert "$" not in user   # every placeholder filled
+    one = load_template("LaMP-1", get_task("LaMP-1").labels, Codec(get_task("LaMP-1").question_template).slots)
+    assert one.version == "LaMP-1@v2+base@v2"
+    shot = ({"title": "Orbits", "ref1": "Comets", "ref2": "Bread"}, "[1]")
+    u1 = one.messages([shot], k=2)[1]["content"]
+    assert json.dumps({"input": shot[0], "output": "[1]"}) in u1 and "$" not in u1
+    assert 'this JSON object: {"examples": [{"input": {"title": "...", "ref1": "...", "ref2": "..."}' in u1
+    assert '{"input": {"title"' in one.reask_message("bad", 2)["content"]
+    assert '{"examples": [{"input": "...", "output": "..."}]}' in user   # single-slot tasks: a string input
     g = load_template("LaMP-2-old", ["a", "b"])
     assert g.version.startswith("generic@v") and "one of: a, b" in g.output_rule

@@ -364,6 +364,44 @@ def test_injected_and_invalid_examples_are_filtered(tmp_path):
         assert prov["template"].startswith("LaMP-3@v") and "near_dup" in prov["filter_scores"]
 
 
+def test_multi_slot_questions_go_to_the_teacher_as_slot_objects(tmp_path):
+    """LaMP-1's question has three slots (title, ref1, ref2). The shots show each question as a {slot: text}
+    object, the reply schema asks for one (each slot within the user's length bounds), and the reply's objects are
+    put back into the question wording. An object with a slot missing, or with the template's own separator in a
+    slot (it would read back as other slots), is a schema reject, as is free text. Before, the teacher had to copy
+    the whole question and the real 135M teacher never did (0 of 54 kept)."""
+    def policy(srv, body, n):
+        shots = shots_of(body["messages"])
+        assert shots and all(set(s["input"]) == {"title", "ref1", "ref2"} for s in shots), shots
+        rng = random.Random(body_sha(body["messages"][:2]))
+        words = sorted({w for s in shots for w in s["input"]["title"].split() if len(w) > 3})
+        good = [{"input": {"title": " ".join(rng.sample(words, min(5, len(words)))) + f" {rng.randrange(10**6)}",
+                           "ref1": f"A study of {rng.choice(words)} {rng.randrange(10**6)}",
+                           "ref2": f"Bread baking in the {rng.randrange(10**6)}s"}, "output": "[1]"}]
+        bad = [{"input": {"title": "Only a title here", "ref1": "One reference"}, "output": "[2]"},
+               {"input": {"title": "A long enough title", "ref1": 'Smuggled" [2]: "a separator', "ref2": "Other"},
+                "output": "[1]"},
+               {"input": "free text that is not a LaMP-1 question at all", "output": "[2]"}]
+        return ("ok", json.dumps({"examples": good + bad}))
+
+    with FaultServer(policy) as srv:
+        rep = run_augment(cfg(tmp_path, srv.url, task="LaMP-1", questions=Path(sample_paths("LaMP-1")[0]),
+                              max_users=1, per_user=4, concurrency=1))
+    assert rep["status"] == "complete", rep
+    body = srv.log[0]["body"]
+    assert '"input": {"title": "...", "ref1": "...", "ref2": "..."}' in body["messages"][1]["content"]
+    inp = body["response_format"]["json_schema"]["schema"]["properties"]["examples"]["items"]["properties"]["input"]
+    assert inp["type"] == "object" and inp["required"] == ["title", "ref1", "ref2"], inp
+    assert all(0 < inp["properties"][n]["minLength"] < inp["properties"][n]["maxLength"] for n in inp["required"])
+    n_req = 2   # ceil(4 * 1.0 / 2)
+    assert rep["filters"]["schema"] == 3 * n_req and rep["kept_total"] == n_req, rep["filters"]
+    rows = [json.loads(x) for x in next((tmp_path / "aug").glob("*/synthetic.jsonl")).read_text().splitlines()]
+    for r in rows:
+        assert r["input"].startswith('For an author who has written the paper with the title "'), r
+        assert r["input"].endswith('"') and ' [2]: "Bread baking in the ' in r["input"], r
+        assert r["provenance"]["template"].startswith("LaMP-1@v2"), r["provenance"]
+
+
 def test_concurrency_is_bounded(tmp_path):
     with FaultServer(lambda s, b, n: ok(b["messages"]), delay=0.3) as srv:
         rep = run_augment(cfg(tmp_path, srv.url, concurrency=3, max_users=4, per_user=8))

@@ -204,8 +204,9 @@ class Augmenter:
             raise UserError(f"unknown task {cfg.task!r} ({e})", field="--task",
                             expected="a LaMP task name such as LaMP-3", hint="cdcda augment --help") from None
         self.labels = list(self.task.labels) if getattr(self.task, "labels", None) else None
-        self.template = load_template(self.task.name, self.labels) if cfg.teacher == "openai" else None
         self.codec = Codec(getattr(self.task, "question_template", None))
+        self.template = (load_template(self.task.name, self.labels, self.codec.slots)
+                         if cfg.teacher == "openai" else None)
         self._all_profiles: dict[str, list[dict]] = {}
         self.cache = ResponseCache(self.out / "cache")
         self.audit = AuditLog(self.out / "audit.jsonl")
@@ -219,17 +220,25 @@ class Augmenter:
         c = self.cfg
         return {"temperature": c.temperature, "top_p": c.top_p, "max_tokens": c.max_tokens, "json_mode": c.json_mode}
 
-    def reply_schema(self, bounds: tuple[int, int, int, int] | None = None) -> dict:
+    def reply_schema(self, bounds: tuple[int, int, int, int] | None = None,
+                     slot_bounds: dict[str, tuple[int, int]] | None = None) -> dict:
         """The JSON schema of a teacher reply: ``{"examples": [{"input", "output"}]}``, at most ``per_request``
         examples, the output one of the task's labels on a classification task, each string within the length
         filter's bounds for this user (``bounds``: :func:`length_bounds` of the user's real pairs), so a grammar
         cannot write what the filter rejects (a 135M teacher otherwise runs one input on until max_tokens). Sent
-        as ``response_format`` (see :meth:`OpenAIChatClient.chat`); the filters still check every example."""
+        as ``response_format`` (see :meth:`OpenAIChatClient.chat`); the filters still check every example.
+        A multi-slot question's input is an object with one string per slot (``slot_bounds``: each slot's
+        length bounds, :meth:`.codec.Codec.slot_bounds`), put back into the question by :meth:`_candidate`."""
         f = self.cfg.filters
         lo_i, hi_i, lo_o, hi_o = bounds or (f.min_input_chars, f.max_input_chars, 1, f.max_output_chars)
         out = ({"type": "string", "enum": list(self.labels)} if self.labels
                else {"type": "string", "minLength": lo_o, "maxLength": hi_o})
         inp = {"type": "string", "minLength": lo_i, "maxLength": hi_i}
+        if not self.codec.single:
+            sb = slot_bounds or {}
+            inp = {"type": "object", "properties": {
+                n: {"type": "string", "minLength": sb.get(n, (1, hi_i))[0], "maxLength": sb.get(n, (1, hi_i))[1]}
+                for n in self.codec.slots}, "required": list(self.codec.slots), "additionalProperties": False}
         item = {"type": "object", "properties": {"input": inp, "output": out},
                 "required": ["input", "output"], "additionalProperties": False}
         return {"type": "object", "properties": {"examples": {"type": "array", "items": item, "minItems": 1,
@@ -295,6 +304,21 @@ class Augmenter:
         return [], {"usage": dict(usage_total), "meta": None, "malformed_gave_up": True,
                     "replies": c.max_reasks + 1, "malformed": malformed}
 
+    def _candidate(self, item):
+        """A reply item as the filters take it: a multi-slot input object becomes the task's question (an object
+        that does not fill the template is left as it is, and the schema filter rejects it)."""
+        if not self.codec.single and isinstance(item, dict) and isinstance(item.get("input"), dict):
+            question = self.codec.from_fields(item["input"])
+            if question is not None:
+                return {**item, "input": question}
+        return item
+
+    def _shot(self, pair: tuple[str, str]) -> tuple:
+        """A real pair as the teacher sees it: a multi-slot question as its ``{slot: text}`` object."""
+        if self.codec.single:
+            return pair
+        return (self.codec.fields(pair[0]) or pair[0], pair[1])
+
     # ------------------------------------------------------------------ per user
     def _profile_items(self, user) -> list[dict]:
         items = list(user.profile or [])
@@ -346,11 +370,13 @@ class Augmenter:
             rep["requests"] = n_req
             if not shared:
                 rep["note"] = "no usable profile pairs to show the teacher: nothing asked"
-            schema = self.reply_schema(length_bounds(real, c.filters))
+            schema = self.reply_schema(length_bounds(real, c.filters),
+                                       None if self.codec.single else self.codec.slot_bounds(
+                                           [i for i, _ in real], c.filters.length_ratio, c.filters.max_input_chars))
 
             async def one(r: int):
                 rng = random.Random(_seed(c.seed, uid, "shots", r))
-                shots = rng.sample(shared, min(c.shots, len(shared)))
+                shots = [self._shot(p) for p in rng.sample(shared, min(c.shots, len(shared)))]
                 try:
                     return await self._ask(uid, r, self.template.messages(shots, c.per_request), schema)
                 except BudgetExhausted:
@@ -384,7 +410,7 @@ class Augmenter:
                     continue
                 prov = {"teacher": "openai", "model": info["meta"]["model"], "template": self.template.version,
                         "template_sha256": self.template.sha256, "request": info["meta"]["request"]}
-                candidates += [(it, prov) for it in items]
+                candidates += [(self._candidate(it), prov) for it in items]
             rep["tokens"] = dict(tokens)
             if incomplete:
                 rep["status"] = "incomplete"

@@ -19,6 +19,18 @@ import yaml
 from ..errors import UserError
 
 
+REPLY_FORMAT = '{"examples": [{"input": "...", "output": "..."}]}'
+
+
+def reply_format(slots: list[str] | None = None) -> str:
+    """The reply's shape as the prompt shows it: the input a string, or for a multi-slot question an object with
+    one field per slot (see :class:`.codec.Codec`)."""
+    if not slots or len(slots) < 2:
+        return REPLY_FORMAT
+    inner = ", ".join(f'"{n}": "..."' for n in slots)
+    return '{"examples": [{"input": {' + inner + '}, "output": "..."}]}'
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
     task: str
@@ -29,18 +41,20 @@ class PromptTemplate:
     reask: str
     task_description: str
     output_rule: str
+    reply_format: str = REPLY_FORMAT
 
-    def messages(self, shots: list[tuple[str, str]], k: int) -> list[dict]:
-        """Chat messages asking for ``k`` new examples given the (already redacted) ``shots``."""
+    def messages(self, shots: list[tuple], k: int) -> list[dict]:
+        """Chat messages asking for ``k`` new examples given the (already redacted) ``shots``; a shot's input is a
+        string, or a ``{slot: text}`` object for a multi-slot question."""
         shot_lines = "\n".join(json.dumps({"input": i, "output": o}, ensure_ascii=False) for i, o in shots)
         user = Template(self.user).safe_substitute(
             task_description=self.task_description, output_rule=self.output_rule,
-            n_shots=len(shots), shots=shot_lines, k=k)
+            n_shots=len(shots), shots=shot_lines, k=k, reply_format=self.reply_format)
         return [{"role": "system", "content": self.system.strip()},
                 {"role": "user", "content": user.strip()}]
 
     def reask_message(self, problem: str, k: int) -> dict:
-        return {"role": "user", "content": Template(self.reask).safe_substitute(problem=problem, k=k).strip()}
+        return {"role": "user", "content": Template(self.reask).safe_substitute(problem=problem, k=k, reply_format=self.reply_format).strip()}
 
 
 def _read(name: str) -> str | None:
@@ -57,8 +71,9 @@ def _parse(name: str, text: str, required: tuple[str, ...]) -> dict:
     return data
 
 
-def load_template(task_name: str, labels: list[str] | None = None) -> PromptTemplate:
-    """The prompt template for ``task_name`` (falls back to ``generic.yaml``)."""
+def load_template(task_name: str, labels: list[str] | None = None, slots: list[str] | None = None) -> PromptTemplate:
+    """The prompt template for ``task_name`` (falls back to ``generic.yaml``); ``slots``: the question template's
+    slots (:attr:`.codec.Codec.slots`), which set the reply's shape (:func:`reply_format`)."""
     base_text = _read("base")
     if base_text is None:
         raise UserError("template base.yaml not found in the package", hint="reinstall: pip install -e .")
@@ -72,8 +87,10 @@ def load_template(task_name: str, labels: list[str] | None = None) -> PromptTemp
              "labels_clause": f"; one of: {label_list}" if labels else ""}
     desc = Template(str(spec["task_description"]).strip()).safe_substitute(subst)
     rule = Template(str(spec["output_rule"]).strip()).safe_substitute(subst)
-    h = hashlib.sha256(base_text.encode() + b"\0" + text.encode() + b"\0" + label_list.encode()).hexdigest()
+    fmt = reply_format(slots)
+    h = hashlib.sha256(base_text.encode() + b"\0" + text.encode() + b"\0" + label_list.encode()
+                       + (b"\0" + fmt.encode() if fmt != REPLY_FORMAT else b"")).hexdigest()
     return PromptTemplate(
         task=task_name, version=f"{name}@v{spec['version']}+base@v{base['version']}", sha256=h,
         system=str(base["system"]), user=str(base["user"]), reask=str(base["reask"]),
-        task_description=desc, output_rule=rule)
+        task_description=desc, output_rule=rule, reply_format=fmt)
