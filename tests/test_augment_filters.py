@@ -174,7 +174,8 @@ def test_codec_roundtrip_single_and_multi_slot():
     assert c1.from_fields(c1.fields(q1)) == q1
     assert c1.from_fields({"title": " Orbits\n of  moons ", "ref1": "Comets", "ref2": "Bread"}) == \
         t1.question_template.format(title="Orbits of moons", ref1="Comets", ref2="Bread")   # one line, as in LaMP
-    for bad in ({"title": "Orbits", "ref1": "Comets"}, {"title": "Orbits", "ref1": "Comets", "ref2": "Bread", "x": "y"},
+    for bad in ({"title": "Orbits", "ref1": "Comets"},
+                {"title": "Orbits", "ref1": "Comets", "ref2": "Bread", "x": "y"},
                 {"title": "Orbits", "ref1": "", "ref2": "Bread"}, {"title": "Orbits", "ref1": 3, "ref2": "Bread"},
                 {"title": "Orbits", "ref1": 'Comets" [2]: "Moons', "ref2": "Bread"}, "Orbits", None):
         assert c1.from_fields(bad) is None, bad

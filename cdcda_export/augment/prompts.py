@@ -54,7 +54,8 @@ class PromptTemplate:
                 {"role": "user", "content": user.strip()}]
 
     def reask_message(self, problem: str, k: int) -> dict:
-        return {"role": "user", "content": Template(self.reask).safe_substitute(problem=problem, k=k, reply_format=self.reply_format).strip()}
+        text = Template(self.reask).safe_substitute(problem=problem, k=k, reply_format=self.reply_format)
+        return {"role": "user", "content": text.strip()}
 
 
 def _read(name: str) -> str | None:

@@ -29,10 +29,10 @@ from ..errors import UserError
 class SchemaDeadEnd(ValueError):
     """The reply's JSON schema admits no next token: lm-format-enforcer returned an empty allowed set. Seen with a
     ``pattern`` that needs a literal ``"`` inside a string (``'^a"b$'``: the JSON text would need ``\\"``, which the
-    enforcer's regex does not take). Before, the sampler normalised an all ``-inf`` row into NaN probabilities and
-    the request failed with HTTP 500 ("Probabilities contain NaN"); transformers' ``generate`` would have sampled
-    from a row of ``-inf`` the same way. Now generation stops and the server answers 400 naming
-    ``response_format`` and the text written so far."""
+    enforcer's regex does not take). Before, the request failed with HTTP 500: on an artifact the sampler turned
+    an all ``-inf`` row into NaN probabilities ("Probabilities contain NaN"), and transformers' ``generate`` raised
+    ValueError ("``prefix_allowed_tokens_fn`` returned an empty list"). Now generation stops and the server answers
+    400 naming ``response_format`` and the text written so far."""
 
     def __init__(self, partial: str):
         self.partial = partial
