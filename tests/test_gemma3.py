@@ -239,6 +239,20 @@ def test_onnx_fp32_parity(tiny_model_dir, tiny_artifact, attention):
 
 
 @pytest.mark.integration
+def test_check_localises_a_gemma3_onnx_graph(tiny_artifact):
+    """The check's per-layer localiser finds Gemma's residual stream: the embedding lookup scaled by sqrt(hidden)
+    (a Mul by ``embed_scale``), then 2 sums per layer. Before, the chain stopped at the lookup (1 tensor of 2n+1)
+    and the real Gemma 3 270M's failing int4 check said "graph not localisable"."""
+    from cdcda_export.check import CheckOptions, check_artifacts
+
+    art = tiny_artifact(ARCH, "onnx/fp32")
+    n_layers = json.loads((art / "manifest.json").read_text())["io"]["num_layers"]
+    div = check_artifacts([art], CheckOptions(max_new_tokens=4, localise="always"))[0]["divergence"]
+    assert div["method"] == "onnx-extra-outputs" and "problem" not in div, div
+    assert div["residual_tensors"] == 2 * n_layers + 1 and len(div["tensors"]) == n_layers + 1, div
+
+
+@pytest.mark.integration
 def test_executorch_xnnpack_fp32_parity(tiny_model_dir, tiny_artifact):
     from cdcda_export.export.manifest import verify
 

@@ -79,7 +79,9 @@ def onnx_residual_tensors(graph) -> list[str]:
 
     A residual sum is an ``Add`` output, or the fourth output (``input_skip_bias_sum``) of a fused
     ``SkipSimplifiedLayerNormalization`` / ``SkipLayerNormalization`` (Add + norm in one node, as our
-    ORT-fused graphs and ORT GenAI's builder write them)."""
+    ORT-fused graphs and ORT GenAI's builder write them). The stream starts at the embedding lookup, after a
+    constant scale when the family has one (Gemma: x sqrt(hidden); without that step the chain stopped at the
+    embedding and the real Gemma 3 270M's int4 check could not be localised: 1 of 37 tensors found)."""
     consumers: dict[str, list] = {}
     for n in graph.node:
         for i in n.input:
@@ -107,6 +109,10 @@ def onnx_residual_tensors(graph) -> list[str]:
         cs = consumers.get(start, [])
     if len(cs) == 1 and cs[0].op_type == "Where":  # hot rows (quantization.hot_rows): 8-bit rows over the 4-bit table
         start = cs[0].output[0]
+        cs = consumers.get(start, [])
+    consts = inits | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    if len(cs) == 1 and cs[0].op_type == "Mul" and any(i in consts for i in cs[0].input if i != start):
+        start = cs[0].output[0]                    # Gemma: the embedding times sqrt(hidden) (``embed_scale``)
     chain = [start]
     h = start
     seen = {h}
