@@ -235,10 +235,10 @@ class Augmenter:
                else {"type": "string", "minLength": lo_o, "maxLength": hi_o})
         inp = {"type": "string", "minLength": lo_i, "maxLength": hi_i}
         if not self.codec.single:
-            sb = slot_bounds or {}
-            inp = {"type": "object", "properties": {
-                n: {"type": "string", "minLength": sb.get(n, (1, hi_i))[0], "maxLength": sb.get(n, (1, hi_i))[1]}
-                for n in self.codec.slots}, "required": list(self.codec.slots), "additionalProperties": False}
+            spans = {n: (slot_bounds or {}).get(n, (1, hi_i)) for n in self.codec.slots}
+            inp = {"type": "object", "properties": {n: {"type": "string", "minLength": lo, "maxLength": hi}
+                                                    for n, (lo, hi) in spans.items()},
+                   "required": list(self.codec.slots), "additionalProperties": False}
         item = {"type": "object", "properties": {"input": inp, "output": out},
                 "required": ["input", "output"], "additionalProperties": False}
         return {"type": "object", "properties": {"examples": {"type": "array", "items": item, "minItems": 1,

@@ -65,14 +65,11 @@ class Codec:
 
     def slot_bounds(self, questions, ratio: float, ceiling: int) -> dict[str, tuple[int, int]]:
         """Length bounds of each slot from the user's real questions, as :func:`.filters.length_bounds` sets them
-        for whole inputs: the shortest / ``ratio`` .. the longest x ``ratio`` (at most ``ceiling``)."""
-        lens: dict[str, list[int]] = {n: [] for n in self.slots}
-        for q in questions:
-            f = self.fields(q)
-            for n in self.slots if f else ():
-                lens[n].append(len(f[n]))
-        return {n: (max(1, int(min(ls) / ratio)), min(ceiling, int(max(ls) * ratio) + 1)) if ls else (1, ceiling)
-                for n, ls in lens.items()}
+        for whole inputs (:func:`.filters.span_bounds`, at least 1 character)."""
+        from .filters import span_bounds
+
+        found = [f for f in map(self.fields, questions) if f]
+        return {n: span_bounds([len(f[n]) for f in found], ratio, 1, ceiling) for n in self.slots}
 
     def unwrap(self, question: str) -> str:
         """Teacher-facing input for a training question (the slot, or the whole question)."""

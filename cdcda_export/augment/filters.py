@@ -118,16 +118,17 @@ def check_schema(ex, labels, parse) -> tuple[str, str] | None:
     return inp.strip(), label
 
 
+def span_bounds(lengths: Sequence[int], ratio: float, floor: int, ceiling: int) -> tuple[int, int]:
+    """Length bounds around real lengths: the shortest / ``ratio`` .. the longest x ``ratio``, within
+    [``floor``, ``ceiling``]; (``floor``, ``ceiling``) when there are none."""
+    if not lengths:
+        return floor, ceiling
+    return max(floor, int(min(lengths) / ratio)), min(ceiling, int(max(lengths) * ratio) + 1)
+
+
 def length_bounds(real: Sequence[tuple[str, str]], s: FilterSettings) -> tuple[int, int, int, int]:
-    if real:
-        ins = [len(i) for i, _ in real]
-        outs = [len(o) for _, o in real]
-        lo_i = max(s.min_input_chars, int(min(ins) / s.length_ratio))
-        hi_i = min(s.max_input_chars, int(max(ins) * s.length_ratio) + 1)
-        lo_o = max(1, int(min(outs) / s.length_ratio))
-        hi_o = min(s.max_output_chars, int(max(outs) * s.length_ratio) + 1)
-    else:
-        lo_i, hi_i, lo_o, hi_o = s.min_input_chars, s.max_input_chars, 1, s.max_output_chars
+    lo_i, hi_i = span_bounds([len(i) for i, _ in real], s.length_ratio, s.min_input_chars, s.max_input_chars)
+    lo_o, hi_o = span_bounds([len(o) for _, o in real], s.length_ratio, 1, s.max_output_chars)
     return lo_i, hi_i, lo_o, hi_o
 
 

@@ -89,8 +89,7 @@ def load_template(task_name: str, labels: list[str] | None = None, slots: list[s
     desc = Template(str(spec["task_description"]).strip()).safe_substitute(subst)
     rule = Template(str(spec["output_rule"]).strip()).safe_substitute(subst)
     fmt = reply_format(slots)
-    h = hashlib.sha256(base_text.encode() + b"\0" + text.encode() + b"\0" + label_list.encode()
-                       + (b"\0" + fmt.encode() if fmt != REPLY_FORMAT else b"")).hexdigest()
+    h = hashlib.sha256(b"\0".join(x.encode() for x in (base_text, text, label_list, fmt))).hexdigest()
     return PromptTemplate(
         task=task_name, version=f"{name}@v{spec['version']}+base@v{base['version']}", sha256=h,
         system=str(base["system"]), user=str(base["user"]), reask=str(base["reask"]),

@@ -200,6 +200,13 @@ class LocalTeacher:
         return {"text": text, "prompt_tokens": len(ids), "completion_tokens": len(out), "finish_reason": finish,
                 "chat_template": templated}
 
+    def _allowed(self, enforcer, seq: list[int], n_prompt: int):
+        """The tokens the JSON filter allows after ``seq`` (prompt + reply so far); :class:`SchemaDeadEnd` when none."""
+        allowed = enforcer.get_allowed_tokens(seq).allowed_tokens
+        if not len(allowed):
+            raise SchemaDeadEnd(self.tokenizer.decode(seq[n_prompt:], skip_special_tokens=True))
+        return allowed
+
     def _sample(self, ids, budget, temperature, top_p, seed, eos, enforcer, cancel) -> list[int]:
         """Sampling on an exported artifact: its runner's prefill, then one decode call per token (the KV-cache
         path the app runs); temperature and top-p as transformers applies them, the JSON filter first."""
@@ -215,9 +222,7 @@ class LocalTeacher:
                 break
             x = np.asarray(logits, dtype=np.float64)
             if enforcer is not None:
-                allowed = enforcer.get_allowed_tokens(list(ids) + out).allowed_tokens
-                if not len(allowed):
-                    raise SchemaDeadEnd(self.tokenizer.decode(out, skip_special_tokens=True))
+                allowed = self._allowed(enforcer, list(ids) + out, len(ids))
                 keep = np.full_like(x, -np.inf)
                 keep[allowed] = x[allowed]
                 x = keep
@@ -251,13 +256,7 @@ class LocalTeacher:
             if eos is not None:
                 kwargs["eos_token_id"] = eos
             if enforcer is not None:
-                def allowed_tokens(_batch, seq):
-                    allowed = enforcer.get_allowed_tokens(seq.tolist()).allowed_tokens
-                    if not len(allowed):
-                        raise SchemaDeadEnd(self.tokenizer.decode(seq[len(ids):].tolist(), skip_special_tokens=True))
-                    return allowed
-
-                kwargs["prefix_allowed_tokens_fn"] = allowed_tokens
+                kwargs["prefix_allowed_tokens_fn"] = lambda _batch, seq: self._allowed(enforcer, seq.tolist(), len(ids))
             if cancel is not None:
                 from transformers import StoppingCriteria, StoppingCriteriaList
 
