@@ -76,3 +76,29 @@ def test_export_base_gguf_without_config_json_message(tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 10)
     with pytest.raises(UserError, match="GGUF"):
         export(bad, None, "onnx/fp32", tmp_path / "art", progress=False)
+
+
+def test_source_tensor_types_recorded_or_read_back_from_a_verified_file(tmp_path):
+    """Per-tensor GGUF types (what quantization.follow_source reads): taken from cdcda_base.json when recorded;
+    for a base converted before they were, read from the source file named there, after its sha256 matches;
+    a changed file is refused with the file, the field and the command to run; no provenance gives None."""
+    import json
+
+    from cdcda_export.utils import sha256_file
+
+    src = _write_gguf(tmp_path / "m.gguf", "llama")
+    base = tmp_path / "base"
+    base.mkdir()
+    prov = {"source": {"gguf": str(src), "sha256": sha256_file(src)}, "dequantized_from": {"F32": 1}}
+    (base / G.PROVENANCE_FILE).write_text(json.dumps(prov))
+    assert G.source_tensor_types(base) == {"token_embd.weight": "F32"}
+    (base / G.PROVENANCE_FILE).write_text(json.dumps({**prov, "type_by_tensor": {"blk.0.attn_q.weight": "Q5_0"}}))
+    assert G.source_tensor_types(base) == {"blk.0.attn_q.weight": "Q5_0"}
+    (base / G.PROVENANCE_FILE).write_text(json.dumps({**prov, "source": {**prov["source"], "sha256": "0" * 64}}))
+    with pytest.raises(UserError) as e:
+        G.source_tensor_types(base)
+    msg = str(e.value)
+    assert str(src) in msg and "source.sha256" in msg and "cdcda init-model" in msg
+    (base / G.PROVENANCE_FILE).unlink()
+    assert G.source_tensor_types(base) is None
+    assert G.gguf_summary(src)["type_by_tensor"] == {"token_embd.weight": "F32"}

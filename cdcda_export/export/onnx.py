@@ -641,6 +641,17 @@ def _hot_rows(proto, w_kn, calib, n_rows: int, block: int, accuracy_level: int, 
     return facts
 
 
+def _source_fingerprint(row):
+    from .source_grid import fingerprint
+
+    return fingerprint(row)
+
+
+def _layer_order(name: str):
+    parts = name.split(".")
+    return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1, name)
+
+
 def _linear_kind(node, inits, spec) -> str:
     """Which linear a weight MatMul is, from its weight shape [K, N] (names are lost in the dynamo export)."""
     k, n = (list(inits[node.input[1]].dims) + [0, 0])[:2]
@@ -661,10 +672,48 @@ def _min_scale_quantizer(cfg):
     class MinScaleQuantizer(mnq.HQQWeightOnlyQuantizer):
         def quantize_internal(self, tensor, bits=4, channel_wise=True, group_size=64, optimize=True,
                               round_zero=True, axis=1):
-            return super().quantize_internal(tensor, bits, channel_wise, group_size, optimize=False,
-                                             round_zero=False, axis=axis)
+            if axis != 1 or tensor.shape[1] % group_size:
+                return super().quantize_internal(tensor, bits, channel_wise, group_size, optimize=False,
+                                                 round_zero=False, axis=axis)
+            return min_scale_blocks(tensor, bits, group_size)
 
     return MinScaleQuantizer(cfg)
+
+
+SNAP_TOL = 2e-3   # |code - round(code)| allowed when a block is matched to a coarser step (float32 dequantization ~1e-5)
+
+
+def min_scale_blocks(w, bits: int, block: int):
+    """Min-scale rounding of ``w`` [N, K] (torch) in blocks of ``block`` along K, as ORT's HQQ quantizer returns it
+    (codes [N, K] int, step [N, K/block], float zero point -min/step [N, K/block]): dequantized (q - zp) * step.
+
+    The step is (max - min) / j with the smallest j in 1 .. 2^bits - 1 that puts every weight of the block on a
+    grid point (within ``SNAP_TOL`` of a step), else (max - min) / (2^bits - 1), the min-max grid of llama.cpp's
+    Q4_1. A Q4_1 block uses both ends of its 16 levels, so min-max reproduces it; a K-quant block (Q4_K: a
+    6-bit scale and minimum per 32, chosen by search) often uses fewer levels than 16 and sits on step
+    (max - min) / j for its own j < 15: Gemma 3 270M's Q4_K tensors are reproduced exactly this way. An off-grid
+    (LoRA-merged) block matches no j < 15 and keeps min-max."""
+    import torch
+
+    levels = 2 ** bits - 1
+    x = w.float()
+    n, k = x.shape
+    blocks = x.reshape(n, k // block, block)
+    lo, hi = blocks.min(-1, keepdim=True).values, blocks.max(-1, keepdim=True).values
+    span = hi - lo
+    j_best = torch.full_like(span, float(levels))
+    found = span <= 0
+    for j in range(1, levels):
+        step = torch.where(span > 0, span / j, torch.ones_like(span))
+        c = (blocks - lo) / step
+        ok = ((c - c.round()).abs() <= SNAP_TOL).all(-1, keepdim=True) & ~found
+        j_best = torch.where(ok, torch.full_like(span, float(j)), j_best)
+        found = found | ok
+    step = torch.where(span > 0, span / j_best, torch.ones_like(span))   # HQQ's convention for a constant block
+    zero = -lo / step
+    q = torch.round(blocks / step + zero).clamp(0, levels).reshape(n, k).int()
+    return q, step.reshape(n, -1).to(w.dtype), zero.reshape(n, -1).to(w.dtype)
+
 
 
 def _q8_0_blocks(w, block: int):
@@ -683,11 +732,12 @@ def _q8_0_blocks(w, block: int):
 
 def _q8_blocks_searched(w, block: int, kmax: int = 8):
     """Symmetric 8-bit blocks like :func:`_q8_0_blocks`, with the scale of each block chosen by error: Q8_0's
-    max|w| / 127, or (max - min) / (15 k) for k = 1 .. ``kmax`` (when it still fits 127 levels), whichever
-    rounds the block with the least squared error (a scale search, as llama.cpp's K-quants do). A block
-    dequantized from Q4_1 (w = d * q + m, q in 0..15) sits on a grid of step d / k whenever m is close to a
-    multiple of it, which 8-bit symmetric with scale max|w| / 127 misses by up to half a step; a Q8_0 block
-    keeps its own scale (error 0); any other block is rounded no worse than Q8_0's rule."""
+    max|w| / 127, or (max - min) / j for j = 15 k (k = 1 .. ``kmax``) and j = 1 .. 31 (when it still fits 127
+    levels), whichever rounds the block with the least squared error (a scale search, as llama.cpp's K-quants
+    do). A block dequantized from Q4_1 (w = d * q + m, q in 0..15) sits on a grid of step d / k whenever m is
+    close to a multiple of it, which 8-bit symmetric with scale max|w| / 127 misses by up to half a step; a
+    Q5_0 block (d * (q - 16), q in 0..31) sits on (max - min) / j for its own j <= 31; a Q8_0 block keeps its
+    own scale (error 0); any other block is rounded no worse than Q8_0's rule."""
     import numpy as np
 
     n, k = w.shape
@@ -697,8 +747,10 @@ def _q8_blocks_searched(w, block: int, kmax: int = 8):
     best_s = amax / 127.0
     safe = np.where(best_s == 0, 1.0, best_s)
     best_err = ((np.clip(np.rint(blocks / safe), -127, 127) * safe - blocks) ** 2).sum(-1, keepdims=True)
-    for kk in range(1, kmax + 1):
-        s = span / (15.0 * kk)
+    # steps of a 4-bit block's grid and its sub-steps (15 k), and every step that puts a block's extremes j <= 31
+    # levels apart (a Q5_0 block, d * (q - 16) with q in 0..31, sits on span / j for its own j)
+    for j in sorted({15 * kk for kk in range(1, kmax + 1)} | set(range(1, 32))):
+        s = span / float(j)
         ok = (s > 0) & (amax / np.where(s > 0, s, 1.0) <= 127.0)
         s_safe = np.where(ok, s, 1.0)
         err = ((np.clip(np.rint(blocks / s_safe), -127, 127) * s_safe - blocks) ** 2).sum(-1, keepdims=True)
@@ -858,6 +910,18 @@ class _FloatWeights(Mapping):
         return np.fromfile(self._src.parent / ext["location"], dtype=np.float32, count=count,
                            offset=int(ext.get("offset", 0))).reshape(tuple(t.dims))
 
+    def first_row(self, mm: str):
+        """The first row (N values) of MatMul ``mm``'s float weight [K, N], without reading the rest."""
+        from onnx import numpy_helper
+
+        t = self._inits[self._names[mm]]
+        n = int(t.dims[-1])
+        ext = {e.key: e.value for e in t.external_data}
+        if t.data_location != 1 or not ext or t.data_type != 1:
+            return numpy_helper.to_array(t).reshape(-1, n)[0]
+        return np.fromfile(self._src.parent / ext["location"], dtype=np.float32, count=n,
+                           offset=int(ext.get("offset", 0)))
+
     def subset(self, keys) -> _FloatWeights:
         return _FloatWeights(self._src, {k: self._names[k] for k in keys if k in self._names}, inits=self._inits)
 
@@ -868,10 +932,13 @@ class _FloatWeights(Mapping):
         return len(self._names)
 
 
-def _weight_only(proto, recipe, spec, calib=None, merged: bool = False, *, src: Path) -> tuple[object, dict]:
+def _weight_only(proto, recipe, spec, calib=None, merged: bool = False, *, src: Path,
+                 source_plan: dict | None = None) -> tuple[object, dict]:
     """Weight-only MatMulNBits quantization (ONNX Runtime's ``MatMulNBitsQuantizer``), per linear kind:
     ``quantization.bits`` / ``grid`` for the layers, ``head_bits`` for the lm_head, ``eight_bit`` kinds at
-    8 bit (symmetric); then the tied embedding reads the head (``embeddings: same``)."""
+    8 bit (symmetric); then the tied embedding reads the head (``embeddings: same``). ``source_plan``
+    (``source_grid.plan``, recipe ``follow_source``): the layer matrices stored above ``bits`` in the base's
+    GGUF go to 8 bit, symmetric, float compute, each block's scale searched (exact on Q5_0 / Q8_0 blocks)."""
     import logging
 
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
@@ -886,8 +953,22 @@ def _weight_only(proto, recipe, spec, calib=None, merged: bool = False, *, src: 
     weight_mm = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     kinds = {n.name: _linear_kind(n, inits, spec) for n in weight_mm}
     plan: dict[tuple[int, str], list[str]] = {}
+    by_fp = (source_plan or {}).get("by_fingerprint") or {}
+    matched: dict[str, str] = {}   # MatMul name -> planned decoder linear
+    if by_fp:
+        rows = _FloatWeights(src, {n.name: n.input[1] for n in weight_mm if kinds[n.name] != "lm_head"})
+        for mm in rows:
+            hit = by_fp.get(_source_fingerprint(rows.first_row(mm)))
+            if hit is not None:
+                matched[mm] = hit
+        if sorted(matched.values()) != sorted(by_fp.values()):
+            missing = sorted(set(by_fp.values()) - set(matched.values()))
+            raise RuntimeError(f"quantization.follow_source: {len(matched)} ONNX MatMuls matched {len(by_fp)} planned "
+                               f"linears (unmatched: {missing[:4]}); the float graph's weights differ from the decoder's")
     for name, kind in kinds.items():
-        if kind == "lm_head":
+        if name in matched:
+            key = (8, "source")
+        elif kind == "lm_head":
             key = (head_bits, q.head_grid or ("symmetric" if head_bits == 8 else grid))
         elif kind in (q.eight_bit or []):
             key = (8, "symmetric")
@@ -899,10 +980,10 @@ def _weight_only(proto, recipe, spec, calib=None, merged: bool = False, *, src: 
 
     # the MatMuls' float weights, read from ``src`` (the float graph's file) when asked: ORT's quantizer replaces
     # the loaded graph's copies
-    wanted = {n.name: n.input[1] for n in weight_mm
-              if n.name in plan.get((8, "symmetric"), []) or q.layers_calibration or q.error_rank}
+    eight = set(plan.get((8, "symmetric"), [])) | set(plan.get((8, "source"), []))
+    wanted = {n.name: n.input[1] for n in weight_mm if n.name in eight or q.layers_calibration or q.error_rank}
     floats = _FloatWeights(src, wanted)
-    q8_floats = floats.subset(n.name for n in weight_mm if n.name in plan.get((8, "symmetric"), []))
+    q8_floats = floats.subset(n.name for n in weight_mm if n.name in eight)
     # float layer weights [K, N] by MatMul name, for GPTQ (the (bits, grid) layers) and the error correction
     # (every layer matmul); one array each, shared
     all_floats = floats.subset(n.name for n in weight_mm
@@ -915,6 +996,9 @@ def _weight_only(proto, recipe, spec, calib=None, merged: bool = False, *, src: 
     for (nbits, g), names in sorted(plan.items(), reverse=True):
         if g == "min-scale":
             cfg = mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=nbits, op_types_to_quantize=("MatMul",))
+        elif g == "source":   # float compute: these layers are kept for their source precision
+            cfg = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=nbits,
+                                                   accuracy_level=0, op_types_to_quantize=("MatMul",))
         else:
             cfg = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=g == "symmetric", bits=nbits,
                                                    accuracy_level=acc, op_types_to_quantize=("MatMul",))
@@ -927,7 +1011,7 @@ def _weight_only(proto, recipe, spec, calib=None, merged: bool = False, *, src: 
     # LoRA-merged model the personal delta is smaller than that step and coherent (low rank), so it is rounded
     # away: user 3000's merged model, onnx/int8 with the search, KL 0.148 on the user's own text vs 0.0049 for
     # llama.cpp Q8_0. A merged export keeps Q8_0's rule (unbiased rounding of the delta).
-    search = bool(q.scale_search) and not merged
+    search = bool(q.scale_search or matched) and not merged
     _q8_0_rule(proto, q8_floats, block, search=search)
     calib_facts: dict = {}
     if q.layers_calibration == "gptq":
@@ -968,6 +1052,12 @@ def _weight_only(proto, recipe, spec, calib=None, merged: bool = False, *, src: 
              "linear_kinds": {k: sorted(v) for k, v in sorted(by_kind.items())},
              "embedding_shares_lm_head": bool(tied), "scale_dtype": q.scale_dtype, "scale_search": search,
              **calib_facts}
+    if source_plan is not None:
+        facts["follow_source"] = {
+            "provenance": source_plan["provenance"], "eight_bit": len(matched),
+            f"int{bits}": source_plan["kept_bits"], "unknown_type": source_plan["unknown"],
+            "linears": {name: source_plan["linears"][name]
+                        for name in sorted(matched.values(), key=_layer_order)}}
     return proto, facts
 
 
@@ -1025,7 +1115,8 @@ def _smooth(dec, calib, q) -> dict:
             "scale_spread_max": round(max(ratios), 2) if ratios else None, "calibration": calib.facts}
 
 
-def _quantize(src: Path, dst: Path, recipe, work: Path, spec=None, calib=None, merged: bool = False) -> dict:
+def _quantize(src: Path, dst: Path, recipe, work: Path, spec=None, calib=None, merged: bool = False,
+              source_plan: dict | None = None) -> dict:
     q = recipe.quantization
     if q.scheme == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -1041,7 +1132,7 @@ def _quantize(src: Path, dst: Path, recipe, work: Path, spec=None, calib=None, m
     elif q.scheme in ("int8", "int4"):
         import onnx
 
-        proto, facts = _weight_only(onnx.load(str(src)), recipe, spec, calib, merged, src=src)
+        proto, facts = _weight_only(onnx.load(str(src)), recipe, spec, calib, merged, src=src, source_plan=source_plan)
         _save(proto, dst)
         return facts
     else:
@@ -1178,6 +1269,12 @@ def export_onnx(job) -> dict:
         fused = export_decoder_onnx(dec, fp32, opts.opset, fuse=fuse)
         timings["torch_onnx_export_s"] = round(time.perf_counter() - t0, 2)
         timings["peak_rss_mb_after"]["torch_onnx_export"] = round(peak_rss_mb(), 1)
+        source_plan = None
+        if q.follow_source:
+            from ..models.gguf import source_tensor_types
+            from .source_grid import plan
+
+            source_plan = plan(dec, source_tensor_types(job.base_dir), q.bits or 4)
         # The float decoder (its fused/untied weight copies) and the exporter's graph are not needed while ONNX
         # Runtime quantizes the saved file: free them first (peak RSS of a 135M int8 export 3.2 GB otherwise).
         del dec
@@ -1188,7 +1285,7 @@ def export_onnx(job) -> dict:
         job.progress(f"onnxruntime quantization ({q.scheme})")
         t0 = time.perf_counter()
         extra_facts = _quantize(fp32, final, rec, job.work_dir, spec=spec, calib=calib,
-                                merged=job.merged_adapter and job.lora is None)
+                                merged=job.merged_adapter and job.lora is None, source_plan=source_plan)
         timings["quantize_s"] = round(time.perf_counter() - t0, 2)
         timings["peak_rss_mb_after"]["quantize"] = round(peak_rss_mb(), 1)
     del dec

@@ -91,6 +91,11 @@ class Quantization:
     # (XNNPACK's f32 kernels): each linear's rounding error dW weighted by the empirical Fisher on the calibration
     # text, sum over sequences of (grad . dW)^2 (``calibrate.fisher_scores``). 0: every linear int8
     float_linears: int = 0
+    # ONNX int4: follow the base's own precision tensor by tensor (``export/source_grid.py``). A layer matrix whose
+    # tensors the base's GGUF stored above ``bits`` (Q5_0, Q6_K, Q8_0: cdcda_base.json ``type_by_tensor``) stays at
+    # 8 bit (symmetric, scale searched per block, float compute); the rest keep the 4-bit grid. A base with no
+    # GGUF provenance keeps every layer at ``bits``
+    follow_source: bool = False
 
     def __post_init__(self):
         if not 0 <= self.float_linears <= 64:
@@ -199,6 +204,9 @@ class Recipe:
             raise ValueError("quantization.error_rank needs ONNX weight-only layers (format onnx, scheme int4 or "
                              "int8) or ExecuTorch 8da4w on grid: min-scale, got format "
                              f"{self.format!r} scheme {q.scheme!r} grid {q.grid!r}")
+        if q.follow_source and not (self.format == "onnx" and q.scheme == "int4"):
+            raise ValueError("quantization.follow_source needs ONNX int4 layers (format onnx, scheme int4), got "
+                             f"format {self.format!r} scheme {q.scheme!r}")
         if self.format == "executorch":
             if q.head_calibration and not (q.scheme == "int8wo" or q.head_bits == 8):
                 raise ValueError("quantization.head_calibration: gptq needs scheme int8wo or head_bits: 8 (an int8 "

@@ -164,7 +164,7 @@ def gguf_summary(path: Path) -> dict:
         kind = t.name.split(".")[-2] if t.name.startswith("blk.") else t.name.rsplit(".", 1)[0]
         by_kind.setdefault(kind, t.tensor_type.name)
     return {"architecture": arch, "tensor_types": dict(types), "tensor_type_by_kind": by_kind,
-            "tensors": len(reader.tensors)}
+            "tensors": len(reader.tensors), "type_by_tensor": {t.name: t.tensor_type.name for t in reader.tensors}}
 
 
 def _check_supported(path: Path, summary: dict) -> None:
@@ -234,6 +234,8 @@ def gguf_to_hf(path: str | Path, out: str | Path, *, package: str | None = None,
                              "package": package},
                   "gguf_architecture": summary["architecture"], "model_type": model_type,
                   "dequantized_from": summary["tensor_types"], "tensor_type_by_kind": summary["tensor_type_by_kind"],
+                  # per GGUF tensor (blk.{i}.attn_q.weight ...): what quantization.follow_source reads
+                  "type_by_tensor": summary["type_by_tensor"],
                   "chat_template": bool(tok.chat_template), "random_weights": False,
                   "note": "float32 weights dequantized by transformers' GGUF loader"}
     with atomic_dir(out, overwrite=True) as tmp:
@@ -282,3 +284,26 @@ def base_provenance(base_dir: str | Path) -> dict | None:
             except json.JSONDecodeError:
                 return None
     return None
+
+
+def source_tensor_types(base_dir: str | Path) -> dict[str, str] | None:
+    """GGUF tensor name (``blk.{i}.attn_q.weight``, ``token_embd.weight`` ...) -> the quantization type the base's
+    float weights were dequantized from, or None for a base not converted from a GGUF. A base converted before
+    ``type_by_tensor`` was recorded is answered from its source file, when that file is still there and its
+    sha256 is the recorded one (a different file would describe other weights)."""
+    from ..utils import sha256_file
+
+    prov = base_provenance(base_dir)
+    if not prov or "dequantized_from" not in prov:
+        return None
+    if prov.get("type_by_tensor"):
+        return dict(prov["type_by_tensor"])
+    src = Path((prov.get("source") or {}).get("gguf") or "")
+    if not src.is_file():
+        return None
+    want = (prov.get("source") or {}).get("sha256")
+    if want and sha256_file(src) != want:
+        raise UserError("the GGUF file this base was converted from has changed", file=str(src),
+                        field="source.sha256", expected=want,
+                        hint=f"re-create the base: `cdcda init-model ... --out {base_dir}` (or pass the .gguf as --base)")
+    return gguf_summary(src)["type_by_tensor"]
