@@ -676,12 +676,6 @@ def _hot_rows(proto, w_kn, calib, n_rows: int, block: int, accuracy_level: int, 
     return facts
 
 
-def _source_fingerprint(row):
-    from .source_grid import fingerprint
-
-    return fingerprint(row)
-
-
 def _layer_order(name: str):
     parts = name.split(".")
     return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1, name)
@@ -748,7 +742,6 @@ def min_scale_blocks(w, bits: int, block: int):
     zero = -lo / step
     q = torch.round(blocks / step + zero).clamp(0, levels).reshape(n, k).int()
     return q, step.reshape(n, -1).to(w.dtype), zero.reshape(n, -1).to(w.dtype)
-
 
 
 def _q8_0_blocks(w, block: int):
@@ -1004,9 +997,11 @@ def _weight_only(proto, recipe, spec, calib=None, merged: bool = False, *, src: 
     by_fp = (source_plan or {}).get("by_fingerprint") or {}
     matched: dict[str, str] = {}   # MatMul name -> planned decoder linear
     if by_fp:
+        from .source_grid import fingerprint
+
         rows = _FloatWeights(src, {n.name: n.input[1] for n in weight_mm if kinds[n.name] != "lm_head"})
         for mm in rows:
-            hit = by_fp.get(_source_fingerprint(rows.first_row(mm)))
+            hit = by_fp.get(fingerprint(rows.first_row(mm)))
             if hit is not None:
                 matched[mm] = hit
         if sorted(matched.values()) != sorted(by_fp.values()):
@@ -1024,7 +1019,6 @@ def _weight_only(proto, recipe, spec, calib=None, merged: bool = False, *, src: 
             key = (bits, grid)
         plan.setdefault(key, []).append(name)
     all_nodes = {n.name for n in proto.graph.node}
-    from onnx import numpy_helper
 
     # the MatMuls' float weights, read from ``src`` (the float graph's file) when asked: ORT's quantizer replaces
     # the loaded graph's copies
