@@ -66,12 +66,6 @@ class ExportJob:
             attach(dec, self.lora)
         return dec
 
-    def release_weights(self) -> None:
-        """Free the float weights of ``model`` (moved to the meta device, in place) once the exporter has what it
-        needs from them, e.g. a saved float graph it quantizes next. The config and generation config stay (the
-        manifest reads them). The HF model is 1.07 GB on Gemma 3 270M, held through quantization until now."""
-        self.model.to("meta")
-
     def merged_hf_dir(self) -> Path:
         """The merged model saved as a HF directory (for tools that read one, e.g. ORT GenAI's builder)."""
         if self._merged_dir is None:

@@ -256,22 +256,6 @@ def lora_defaults(proto, names: list[str]) -> None:
         g.initializer.append(numpy_helper.from_array(np.zeros(dims, dtype=dtype), inp.name))
 
 
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere). Freed float weights
-    otherwise stay in this process's RSS: glibc raises its mmap threshold after large frees, so later large
-    buffers come from a heap it does not shrink on its own."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:
-        pass
-
-
 def _load_external(proto, names, base_dir: Path) -> int:
     """Read the external data of the initializers ``names`` (None: every one still outside) of a graph loaded
     with ``load_external_data=False`` into the graph, in place; returns how many were read. The quantizer loads
@@ -676,11 +660,6 @@ def _hot_rows(proto, w_kn, calib, n_rows: int, block: int, accuracy_level: int, 
     return facts
 
 
-def _layer_order(name: str):
-    parts = name.split(".")
-    return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1, name)
-
-
 def _linear_kind(node, inits, spec) -> str:
     """Which linear a weight MatMul is, from its weight shape [K, N] (names are lost in the dynamo export)."""
     k, n = (list(inits[node.input[1]].dims) + [0, 0])[:2]
@@ -939,29 +918,25 @@ class _FloatWeights(Mapping):
         self._inits = {n: inits[n] for n in set(names.values())}
 
     def __getitem__(self, mm: str):
+        return self._read(mm)
+
+    def first_row(self, mm: str):
+        """The first row (N values) of MatMul ``mm``'s float weight [K, N], without reading the rest."""
+        return self._read(mm, rows=1)[0]
+
+    def _read(self, mm: str, rows: int | None = None):
+        """MatMul ``mm``'s float weight, or its first ``rows`` rows."""
         from onnx import numpy_helper
 
         t = self._inits[self._names[mm]]
         ext = {e.key: e.value for e in t.external_data}
         if t.data_location != 1 or not ext:   # inline (onnx.TensorProto.EXTERNAL = 1)
-            return numpy_helper.to_array(t)
+            return numpy_helper.to_array(t)[:rows]
         if t.data_type != 1:   # FLOAT
             raise ValueError(f"{self._src}: initializer {t.name} is not float32 (data_type {t.data_type})")
-        count = int(np.prod(t.dims))
-        return np.fromfile(self._src.parent / ext["location"], dtype=np.float32, count=count,
-                           offset=int(ext.get("offset", 0))).reshape(tuple(t.dims))
-
-    def first_row(self, mm: str):
-        """The first row (N values) of MatMul ``mm``'s float weight [K, N], without reading the rest."""
-        from onnx import numpy_helper
-
-        t = self._inits[self._names[mm]]
-        n = int(t.dims[-1])
-        ext = {e.key: e.value for e in t.external_data}
-        if t.data_location != 1 or not ext or t.data_type != 1:
-            return numpy_helper.to_array(t).reshape(-1, n)[0]
-        return np.fromfile(self._src.parent / ext["location"], dtype=np.float32, count=n,
-                           offset=int(ext.get("offset", 0)))
+        shape = tuple(t.dims) if rows is None else (rows, *t.dims[1:])
+        return np.fromfile(self._src.parent / ext["location"], dtype=np.float32, count=int(np.prod(shape)),
+                           offset=int(ext.get("offset", 0))).reshape(shape)
 
     def subset(self, keys) -> _FloatWeights:
         return _FloatWeights(self._src, {k: self._names[k] for k in keys if k in self._names}, inits=self._inits)
@@ -1105,8 +1080,7 @@ def _weight_only(proto, recipe, spec, calib=None, merged: bool = False, *, src: 
         facts["follow_source"] = {
             "provenance": source_plan["provenance"], "eight_bit": len(matched),
             f"int{bits}": source_plan["kept_bits"], "unknown_type": source_plan["unknown"],
-            "linears": {name: source_plan["linears"][name]
-                        for name in sorted(matched.values(), key=_layer_order)}}
+            "linears": source_plan["linears"]}   # every planned linear was matched (checked above)
     return proto, facts
 
 
@@ -1330,9 +1304,7 @@ def export_onnx(job) -> dict:
         del dec
         import gc
 
-        job.release_weights()   # calibration is done and the float graph is on disk: nothing reads them again
         gc.collect()
-        _trim_heap()
         dec = None
         job.progress(f"onnxruntime quantization ({q.scheme})")
         t0 = time.perf_counter()
